@@ -1,0 +1,35 @@
+# The README's commands. Everything installs into .venv from the package registries only.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo data test test-fast clean-outputs
+
+install: $(STAMP)
+
+# torch/torchvision first and pinned: an unpinned resolver may pick a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The embedded default data: a deterministic chest-CT phantom in the Kaggle layout. Its hash is
+# pinned by data.dvc, so regenerating it is the same data DVC versions.
+data/raw: | $(STAMP)
+	$(BIN)/ctsynth phantom --out data/raw --seed 0
+
+data: data/raw
+
+demo: install data
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"

@@ -1,0 +1,155 @@
+"""The one preprocessing path, shared by `prepare`, classifier training, ONNX export and serving.
+
+    bytes (PNG / JPEG / DICOM, any mode)
+      -> decode_image:      grey float image in [0, 1] + what the file was (size, mode)
+      -> square_resize:     pad to square with black (air), resize to N x N, quantise to uint8
+      -> to_model_input:    float32 1 x N x N in [-1, 1]  (the ONNX model's `image` input)
+
+`prepare` stores the uint8 result as PNG; everything downstream reads those PNGs back through
+`preprocess_bytes`, which is idempotent on them, so a raw file and its prepared PNG give the same
+model input bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# A lung window shows parenchyma, vessels and masses; bone and soft tissue saturate.
+LUNG_WINDOW_CENTER_HU = -600.0
+LUNG_WINDOW_WIDTH_HU = 1500.0
+DEFAULT_MAX_PIXELS = 40_000_000  # a 6000 x 6000 scan is plausible; a 100k x 100k PNG is a bomb
+DICOM_MAGIC_OFFSET = 128
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can use; the message says why, for a person to read."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # float32, H x W, in [0, 1]
+    width: int
+    height: int
+    mode: str  # PIL mode, or "DICOM"
+    format: str  # "PNG", "JPEG", "DICOM", ...
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def lung_window(hu: np.ndarray, center: float = LUNG_WINDOW_CENTER_HU, width: float = LUNG_WINDOW_WIDTH_HU) -> np.ndarray:
+    low = center - width / 2.0
+    return np.clip((hu.astype(np.float32) - low) / width, 0.0, 1.0)
+
+
+def _decode_dicom(data: bytes) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise ImageDecodeError(f"DICOM file could not be read: {exc}") from exc
+    if "PixelData" not in dataset:
+        raise ImageDecodeError("DICOM file has no pixel data (PixelData element missing)")
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageDecodeError(f"DICOM file has {frames} frames; send one slice per request")
+    try:
+        raw = dataset.pixel_array.astype(np.float32)
+    except Exception as exc:  # pydicom raises many types for broken or unsupported pixel data
+        raise ImageDecodeError(f"DICOM pixel data could not be decoded: {exc}") from exc
+    if raw.ndim != 2:
+        raise ImageDecodeError(f"DICOM pixel data has shape {raw.shape}; expected one 2-D slice")
+    slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+    hu = raw * slope + intercept
+    height, width = hu.shape
+    return DecodedImage(lung_window(hu), width=width, height=height, mode="DICOM", format="DICOM")
+
+
+def _pil_to_grey(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 grey in [0, 1]; transparency is composited onto black (air)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if mode == "I":
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if array.max() > 255 else 255.0
+        return np.clip(array / top, 0.0, 1.0)
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        return (array - low) / (high - low) if high > low else np.zeros_like(array)
+    if mode == "P":
+        image = image.convert("RGBA")
+    elif mode == "1":
+        image = image.convert("L")
+    if image.mode in ("LA", "RGBA", "PA"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba).convert("RGB")
+    if image.mode != "L":
+        image = image.convert("RGB").convert("L")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode PNG, JPEG (any mode, 8 or 16 bit) or a single-slice DICOM into grey [0, 1]."""
+    if not data:
+        raise ImageDecodeError("empty file: no bytes received")
+    if is_dicom(data):
+        decoded = _decode_dicom(data)
+        if decoded.width * decoded.height > max_pixels:
+            raise ImageDecodeError(f"image has {decoded.width * decoded.height} pixels; the limit is {max_pixels}")
+        return decoded
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise ImageDecodeError(f"not a PNG, JPEG or DICOM image ({exc.__class__.__name__}: {exc})") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    n_frames = getattr(image, "n_frames", 1)
+    if n_frames > 1 or getattr(image, "is_animated", False):
+        raise ImageDecodeError(f"image is animated or multi-frame ({n_frames} frames); send one still slice")
+    if image.format not in ("PNG", "JPEG", "MPO"):
+        raise ImageDecodeError(f"unsupported image format {image.format}; send PNG, JPEG or DICOM")
+    try:
+        # PIL's default (LOAD_TRUNCATED_IMAGES False) makes a cut-off file fail here.
+        image.load()
+    except Exception as exc:
+        raise ImageDecodeError(f"image data is truncated or corrupt ({exc.__class__.__name__}: {exc})") from exc
+    mode = image.mode
+    grey = _pil_to_grey(image)
+    return DecodedImage(grey, width=width, height=height, mode=mode, format=str(image.format))
+
+
+def square_resize(grey: np.ndarray, resolution: int) -> np.ndarray:
+    """Pad to a centred square with black, then resize to resolution x resolution; uint8 out."""
+    height, width = grey.shape
+    side = max(height, width)
+    canvas = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top : top + height, left : left + width] = grey
+    as_uint8 = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
+    if side == resolution:
+        return as_uint8
+    resized = Image.fromarray(as_uint8, mode="L").resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 H x W -> float32 1 x H x W in [-1, 1] (the GAN's and the classifier's scale)."""
+    return (pixels.astype(np.float32) / 127.5 - 1.0)[None]
+
+
+def preprocess_bytes(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any supported file's bytes -> the model input (float32 1 x N x N). THE preprocessing function."""
+    decoded = decode_image(data, max_pixels=max_pixels)
+    return to_model_input(square_resize(decoded.pixels, resolution))
