@@ -76,11 +76,95 @@ class ValidateParams(Section):
     ]
 
 
+class ClassifierParams(Section):
+    """One classifier training run (`train_classifier` stage). README: "Classifier"."""
+
+    backbone: str = "smallcnn"  # resnet18 | resnet34 | resnet50 | smallcnn
+    weights: str = "none"  # imagenet (torchvision's local cache) | none | a file path
+    freeze_backbone: bool = False  # frozen: features cached once per image, only the head trains
+    head: str = "linear"  # linear | mlp | reference
+    head_hidden: int = Field(256, ge=2)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    resolution: int = Field(64, ge=16, le=1024)  # model input side; PNGs go through preprocess_bytes
+    batch_size: int = Field(32, ge=1)
+    optimizer: str = "adam"  # adam | adamw | sgd
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(25, ge=1)  # at most; early stopping on validation ends sooner
+    patience: int = Field(6, ge=1)  # epochs without a better validation score before stopping
+    monitor: str = "valid_loss"  # valid_loss | valid_balanced_accuracy | valid_roc_auc
+    augment: bool = True  # random shift up to max_shift px (not applied to cached features)
+    max_shift: int = Field(4, ge=0)
+    inference_precision: str = "auto"  # auto (bf16 where the CPU has it and the check passes) | bf16 | fp32
+    bf16_prob_tolerance: float = Field(0.02, gt=0)  # max |p_bf16 - p_fp32| on validation, and no label change
+    bf16_feature_tolerance: float = Field(0.05, gt=0)  # max relative L2 feature error on validation
+    feature_cache: str = ".cache/features"
+
+    @model_validator(mode="after")
+    def _known_choices(self) -> "ClassifierParams":
+        choices = {
+            "backbone": ("resnet18", "resnet34", "resnet50", "smallcnn"),
+            "head": ("linear", "mlp", "reference"),
+            "optimizer": ("adam", "adamw", "sgd"),
+            "monitor": ("valid_loss", "valid_balanced_accuracy", "valid_roc_auc"),
+            "inference_precision": ("auto", "bf16", "fp32"),
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"classifier.{field}={getattr(self, field)!r} is not one of {list(allowed)}")
+        return self
+
+
+class SweepParams(Section):
+    """The synthetic-ratio sweep: dvc.yaml's `train_classifier` matrix reads these lists."""
+
+    ratios: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    seeds: list[int] = [0, 1, 2, 3, 4]
+    synthetic: str = "data/synthetic"
+    metrics_dir: str = "metrics/sweep"
+    runs_dir: str = "models/classifier/runs"
+
+    @model_validator(mode="after")
+    def _sane_lists(self) -> "SweepParams":
+        if not self.ratios or any(r < 0 for r in self.ratios):
+            raise ValueError(f"sweep.ratios must be a non-empty list of numbers >= 0, got {self.ratios}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep.seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        return self
+
+
+class SelectParams(Section):
+    """`select` stage: statistics over the sweep, champion choice (on VALIDATION), export, registry."""
+
+    metric: str = "balanced_accuracy"  # validation metric that picks the ratio (mean over seeds) and the run
+    tie_breaker: str = "roc_auc"
+    baseline_ratio: float = 0.0
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    report: str = "reports/sweep.csv"
+    summary: str = "metrics/summary.json"
+    plot: str = "plots/ratio_vs_metric.png"
+    plot_data: str = "plots/ratio_vs_metric.csv"
+    onnx: str = "models/classifier/model.onnx"
+    parity_tolerance: float = Field(1e-4, gt=0)
+    register_champion: bool = True
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "SelectParams":
+        allowed = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+        for field in ("metric", "tie_breaker"):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"select.{field}={getattr(self, field)!r} is not one of {list(allowed)}")
+        return self
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    classifier: ClassifierParams = ClassifierParams()
+    sweep: SweepParams = SweepParams()
+    select: SelectParams = SelectParams()
 
     @property
     def validation(self) -> ValidateParams:
