@@ -1,0 +1,7 @@
+"""StyleGAN2-ADA, written from the papers (see ``/work/shared/STYLEGAN2_ADA.md``).
+
+``networks`` (Generator, Discriminator), ``augment`` (AugmentPipe, AdaptiveP),
+``loss`` (StyleGAN2Loss), ``presets`` (GANConfig, make_config), ``ops`` (upfirdn2d,
+bias_act). Import the submodules directly; this package imports nothing heavy
+so that ``import ctsynth.gan.presets`` stays cheap.
+"""
