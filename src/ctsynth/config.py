@@ -8,7 +8,7 @@ in ``dvc exp run -S`` fails loudly instead of silently running the default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -157,6 +157,35 @@ class SelectParams(Section):
         return self
 
 
+class SyntheticParams(Section):
+    """`validate_synthetic`: GX checks on the synthetic manifest + quality and memorisation metrics."""
+
+    synthetic: str = "data/synthetic"
+    report: str = "reports/synthetic"
+    # Offline feature space (see ctsynth.metrics.features): PCA of the images at `pca_resolution`
+    # px with `pca_components` components + 9 intensity statistics.
+    feature_space: Literal["pixel_pca"] = "pixel_pca"
+    pca_components: int = Field(24, ge=1, le=1024)
+    pca_resolution: int = Field(32, ge=4, le=256)
+    # Inception-v3 FID only from a weights file on disk (this path, else torch hub's checkpoints
+    # folder); never downloaded. Null in metrics.json when absent.
+    inception_weights: str | None = None
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    pr_k: int = Field(3, ge=1)
+    seed: int = 0
+    # Memorisation: distances are RMS pixel differences on the [-1, 1] scale.
+    copy_tolerance: float = Field(0.01, ge=0.0)
+    memorisation_percentile: Literal["p1", "p5"] = "p1"
+    memorisation_max_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # KID check: fails (when listed in fail_on) if synthetic KID > kid_max_ratio x the real floor.
+    kid_max_ratio: float = Field(10.0, gt=0.0)
+    nearest_neighbour_rows: int = Field(8, ge=1, le=64)
+    # These checks fail the stage; the rest only warn. Names are the validate suite's checks
+    # (applied to the synthetic manifest) plus exact_copies, memorisation and kid.
+    fail_on: list[str] = ["readable", "labels", "size", "blank", "exact_copies", "memorisation"]
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -165,6 +194,7 @@ class Params(BaseModel):
     classifier: ClassifierParams = ClassifierParams()
     sweep: SweepParams = SweepParams()
     select: SelectParams = SelectParams()
+    synthetic: SyntheticParams = SyntheticParams()
 
     @property
     def validation(self) -> ValidateParams:
