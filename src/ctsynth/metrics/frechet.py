@@ -31,7 +31,8 @@ def frechet_distance_from_stats(
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"mean/covariance shapes differ: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    with np.errstate(all="ignore"):
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A singular product (fewer samples than dimensions, or a constant feature) has no
         # finite square root; a small ridge on both covariances makes it well defined.
