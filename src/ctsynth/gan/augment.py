@@ -250,6 +250,7 @@ class AugmentPipe(nn.Module):
     def _resample(self, images: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Apply the per-image geometric matrices ``g`` with a 2x supersampled bilinear resample."""
         batch, channels, height, width = images.shape
+        g = g.to(torch.float32)  # geometry in float32 whatever the image dtype
         f = self.lowpass
         taps = f.shape[0]
         # The 2x output grid covers the image plus a margin of (taps-2)/4 pixels,

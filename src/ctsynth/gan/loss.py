@@ -196,6 +196,7 @@ class StyleGAN2Loss:
             self.pl_mean.copy_(self.pl_mean.lerp(pl_lengths.mean(), self.pl_decay))
         pl_penalty = (pl_lengths - self.pl_mean).square()
         loss = pl_penalty.mean() * self.pl_weight * self.pl_interval
+        loss = loss + gen_img[:, 0, 0, 0].sum() * 0  # every G parameter gets a grad (DDP)
         return PhaseOutput(
             loss,
             {
@@ -236,6 +237,9 @@ class StyleGAN2Loss:
         real_logits = self.run_D(real_img, real_c)
         penalty = r1_penalty(real_logits, real_img)
         loss = penalty.mean() * (self.r1_gamma / 2) * self.r1_interval
+        # The output bias does not affect the gradient wrt x; the zero-valued term gives it a
+        # (zero) gradient instead of None, which DistributedDataParallel requires.
+        loss = loss + real_logits.sum() * 0
         return PhaseOutput(
             loss,
             {"Loss/r1_penalty": penalty.detach().mean(), "Loss/D/reg": penalty.detach().mean() * (self.r1_gamma / 2)},
