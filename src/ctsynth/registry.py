@@ -1,0 +1,258 @@
+"""The MLflow Model Registry side of the study: register the chosen classifier, move `champion`.
+
+    register_champion(...)  logs the ONNX model (MLflow `onnx` flavour, with signature and input
+                            example), the PyTorch weights and the metrics, registers a new version
+                            of `ctsynth-classifier` and points the alias `champion` at it.
+    load_champion()         what serving and `ctsynth predict` call: the ONNX bytes of
+                            `models:/ctsynth-classifier@champion` with its classes and resolution.
+
+The classes and the resolution are read back from the ONNX file's own metadata (written by
+ctsynth.export.export_onnx), so the registry and a copied ONNX file can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctsynth import tracking
+from ctsynth.export import INPUT_NAME, OUTPUT_NAME, cpu_session, read_onnx_info
+
+log = logging.getLogger(__name__)
+
+ONNX_MODEL_NAME = "onnx_model"  # the logged model's name inside MLflow
+ONNX_FILE_NAME = "model.onnx"  # the file MLflow's onnx flavour writes inside the model folder
+TORCH_ARTIFACT_DIR = "pytorch"
+METRICS_ARTIFACT = "metrics.json"
+
+
+class ChampionNotFoundError(RuntimeError):
+    """No model version carries the champion alias (or the registered model does not exist)."""
+
+
+@dataclass(frozen=True)
+class ChampionModel:
+    onnx_bytes: bytes
+    name: str
+    version: str
+    classes: list[str]
+    resolution: int
+    run_id: str | None = None
+    source: str = ""  # where it came from: a models:/ URI or a file path
+
+    def session(self, threads: int | None = None):
+        """A CPU onnxruntime session over this model."""
+        return cpu_session(self.onnx_bytes, threads=threads)
+
+
+def _signature(resolution: int, n_classes: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, resolution, resolution), INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), OUTPUT_NAME)]),
+    )
+
+
+def _flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params -> dotted keys with string values (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return flat
+
+
+def register_champion(
+    onnx_path: Path | str,
+    torch_state_path: Path | str | None,
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+    input_example: np.ndarray,
+    run_id: str | None = None,
+    artifacts: dict[str, Path | str] | None = None,
+    tags: dict[str, str] | None = None,
+    name: str = tracking.REGISTERED_MODEL,
+    alias: str = tracking.CHAMPION_ALIAS,
+    root: Path | None = None,
+) -> str:
+    """Register `onnx_path` as a new version of `name`, point `alias` at it; return the version.
+
+    Logs into run `run_id` if given, else into the active run, else into a new run
+    "register-champion" in the classifier experiment. `input_example` is a small batch of
+    preprocessed images (N x 1 x R x R float32) stored with the model and used to check it loads.
+    `artifacts` ({name: file}) are logged under champion/<name>/ in the run; `tags` go on the
+    model version.
+    """
+    import onnx
+    from mlflow import MlflowClient
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"register_champion: ONNX file {onnx_path} does not exist; export it first")
+    info = read_onnx_info(onnx_path)
+    input_example = np.ascontiguousarray(input_example, dtype=np.float32)
+    expected_shape = (1, info.resolution, info.resolution)
+    if input_example.ndim != 4 or input_example.shape[1:] != expected_shape:
+        raise ValueError(
+            f"register_champion: input_example has shape {input_example.shape}; expected N x {' x '.join(map(str, expected_shape))}"
+        )
+    # Metrics that are numbers go to MLflow metrics; the whole dict (confusion matrices, CIs) is an artifact.
+    numeric_metrics = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+    }
+
+    mlflow = tracking.configure(root)
+    active = mlflow.active_run()
+    if run_id is not None and active is not None and active.info.run_id == run_id:
+        run_context = _null_context(active)
+    elif run_id is not None:
+        run_context = mlflow.start_run(run_id=run_id, nested=active is not None)
+    elif active is not None:
+        run_context = _null_context(active)
+    else:
+        run_context = tracking.start_run(tracking.EXPERIMENT_CLASSIFIER, "register-champion", root=root)
+
+    with run_context as run:
+        if params:
+            mlflow.log_params({f"champion.{k}": v for k, v in _flat_params(params).items()})
+        if numeric_metrics:
+            mlflow.log_metrics({f"champion.{k}": v for k, v in numeric_metrics.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics_file = Path(tmp) / METRICS_ARTIFACT
+            metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_jsonable))
+            mlflow.log_artifact(str(metrics_file), artifact_path="champion")
+        if torch_state_path is not None:
+            torch_state_path = Path(torch_state_path)
+            if not torch_state_path.is_file():
+                raise FileNotFoundError(f"register_champion: PyTorch weights {torch_state_path} do not exist")
+            mlflow.log_artifact(str(torch_state_path), artifact_path=f"champion/{TORCH_ARTIFACT_DIR}")
+        for artifact_name, artifact_path in (artifacts or {}).items():
+            if not Path(artifact_path).is_file():
+                raise FileNotFoundError(f"register_champion: artifact {artifact_name!r} = {artifact_path} does not exist")
+            mlflow.log_artifact(str(artifact_path), artifact_path=f"champion/{artifact_name}")
+
+        model_info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name=ONNX_MODEL_NAME,
+            registered_model_name=name,
+            signature=_signature(info.resolution, len(info.classes)),
+            input_example={INPUT_NAME: input_example[:2]},
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+            metadata={"classes": info.classes, "resolution": info.resolution, "preprocessing": info.preprocessing},
+        )
+        version = str(model_info.registered_model_version)
+        if numeric_metrics and model_info.model_id:
+            mlflow.log_metrics(numeric_metrics, model_id=model_info.model_id)
+
+        client = MlflowClient()
+        client.set_model_version_tag(name, version, "classes", json.dumps(info.classes))
+        client.set_model_version_tag(name, version, "resolution", str(info.resolution))
+        client.set_model_version_tag(name, version, "run_id", run.info.run_id)
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version, key, str(value))
+        client.set_registered_model_alias(name, alias, version)
+        log.info(
+            "registered %s version %s (run %s) and pointed alias @%s at it in %s",
+            name,
+            version,
+            run.info.run_id,
+            alias,
+            tracking.tracking_uri(root),
+        )
+    return version
+
+
+class _null_context:
+    """`with` over an already-active run without ending it on exit."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def __enter__(self) -> Any:
+        return self.run
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def load_champion(
+    name: str = tracking.REGISTERED_MODEL,
+    alias: str = tracking.CHAMPION_ALIAS,
+    root: Path | None = None,
+) -> ChampionModel:
+    """The ONNX model that `name@alias` points at, with its classes and resolution.
+
+    Raises ChampionNotFoundError (with what to run) when the store has no such alias.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    tracking.configure(root)
+    uri = tracking.tracking_uri(root)
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise ChampionNotFoundError(
+            f"no champion model: registered model '{name}' has no version with alias '@{alias}' in the "
+            f"MLflow store {uri} ({exc.error_code}). Run `dvc repro select` (or `make demo`) first to "
+            f"train, select and register one, point MLFLOW_TRACKING_URI at the store that holds it, or "
+            f"set CTSYNTH_ONNX_MODEL to an ONNX file exported by ctsynth.export."
+        ) from exc
+
+    model_uri = f"models:/{name}/{version.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        onnx_files = sorted(local.rglob("*.onnx"))
+        if not onnx_files:
+            raise ChampionNotFoundError(f"{model_uri} (@{alias}) holds no .onnx file under {version.source}")
+        onnx_bytes = onnx_files[0].read_bytes()
+    info = read_onnx_info(onnx_bytes)
+    log.info("loaded %s@%s = version %s (%d bytes, classes %s, %d px)", name, alias, version.version, len(onnx_bytes), info.classes, info.resolution)
+    return ChampionModel(
+        onnx_bytes=onnx_bytes,
+        name=name,
+        version=str(version.version),
+        classes=info.classes,
+        resolution=info.resolution,
+        run_id=version.run_id,
+        source=f"models:/{name}@{alias}",
+    )
+
+
+def load_onnx_file(path: Path | str) -> ChampionModel:
+    """An exported ONNX file as a ChampionModel (for bundles built elsewhere: CTSYNTH_ONNX_MODEL)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model file {path} does not exist")
+    onnx_bytes = path.read_bytes()
+    info = read_onnx_info(onnx_bytes)
+    return ChampionModel(
+        onnx_bytes=onnx_bytes,
+        name=path.stem,
+        version="file",
+        classes=info.classes,
+        resolution=info.resolution,
+        source=str(path.resolve()),
+    )
