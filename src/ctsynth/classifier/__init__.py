@@ -1,0 +1,1 @@
+"""The cancer classifier: backbones + heads, frozen-feature cache, training, evaluation, statistics."""
