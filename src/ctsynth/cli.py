@@ -38,6 +38,68 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if result.success else 1
 
 
+def _validate_synthetic(args: argparse.Namespace) -> int:
+    from ctsynth.config import load_params
+    from ctsynth.metrics.synthetic import validate_synthetic
+
+    params = load_params(args.params)
+    result = validate_synthetic(
+        Path(args.synthetic), Path(args.prepared), Path(args.report), params.data, params.synthetic,
+        log_to_mlflow=not args.no_mlflow,
+    )
+    return 0 if result.success else 1
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`key=value` pairs; values are parsed as YAML so numbers, booleans and null work."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _train_gan(args: argparse.Namespace) -> int:
+    from ctsynth.config import load_params
+    from ctsynth.gan.distributed import init_from_environment
+    from ctsynth.gan.presets import make_config
+    from ctsynth.gan.train import TrainOptions, load_training_data, train_gan_models
+
+    params = load_params(args.params)
+    gan = params.gan
+    resolution = args.resolution or gan.resolution or params.data.resolution
+    device, world_size = init_from_environment(args.device)
+    overrides = dict(gan.overrides) | _parse_overrides(args.set)
+    overrides["kimg"] = args.kimg if args.kimg is not None else gan.kimg
+    overrides["snap"] = args.snap if args.snap is not None else gan.snap
+    cfg = make_config(args.preset or gan.preset, resolution, gpus=world_size, **overrides)
+    data = load_training_data(Path(args.data), params.data.classes, resolution)
+    options = TrainOptions(
+        out_dir=Path(args.out), classes=params.data.classes,
+        resume=None if args.resume == "none" else args.resume, snap_keep=gan.snap_keep,
+        tick_kimg=gan.tick_kimg, device=device, mlflow=not args.no_mlflow,
+    )
+    per_class = args.per_class if args.per_class is not None else gan.per_class
+    train_gan_models(cfg, data, options, per_class=per_class)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ctsynth.config import load_params
+    from ctsynth.gan.generate import generate_images
+
+    params = load_params(args.params)
+    generate_images(
+        Path(args.network), Path(args.out), params.data.classes, per_class=args.per_class, seed=args.seed,
+        psi=args.psi, out_resolution=args.resolution, noise_mode=args.noise_mode,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctsynth",
@@ -64,6 +126,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", required=True)
     p.add_argument("--report", required=True, help="folder for JSON results and GX Data Docs")
     p.set_defaults(handler=_validate)
+
+    p = commands.add_parser(
+        "validate-synthetic",
+        help="validate suite on the synthetic manifest + KID, Fréchet distance, precision/recall, memorisation",
+    )
+    p.add_argument("--synthetic", required=True, help="folder with manifest.csv and {class}/*.png from `generate`")
+    p.add_argument("--prepared", required=True, help="prepared real data (manifest.csv, train/valid splits)")
+    p.add_argument("--report", required=True, help="folder for metrics.json and nearest_neighbours.png")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    p.set_defaults(handler=_validate_synthetic)
+
+    p = commands.add_parser("train-gan", help="train StyleGAN2-ADA on the prepared train split (resumable)")
+    p.add_argument("--data", required=True, help="prepared data folder (train/<class>/*.png)")
+    p.add_argument("--out", required=True, help="folder for snapshots, grids and network-final.pt")
+    p.add_argument("--preset", default=None, help="auto, stylegan2, paper256, cifar, cpu64, tiny (default: params.yaml)")
+    p.add_argument("--kimg", type=float, default=None, help="training length in thousands of real images")
+    p.add_argument("--snap", type=float, default=None, help="kimg between snapshots")
+    p.add_argument("--resolution", type=int, default=None, help="default: gan.resolution or data.resolution")
+    p.add_argument("--per-class", dest="per_class", action="store_true", default=None,
+                   help="one unconditional model per class (the reference study's way)")
+    p.add_argument("--conditional", dest="per_class", action="store_false", help="one class-conditional model")
+    p.add_argument("--resume", default="auto", help="auto (newest snapshot in --out), none, or a snapshot path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any GANConfig field")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(handler=_train_gan)
+
+    p = commands.add_parser("generate", help="write N synthetic PNGs per class + manifest.csv from a trained GAN")
+    p.add_argument("--network", required=True, help="GAN folder (network-final.pt, or <class>/network-final.pt)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-class", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--psi", type=float, default=1.0, help="truncation: 1 = none, 0 = the average image")
+    p.add_argument("--resolution", type=int, default=None, help="resize outputs to this size (e.g. 224)")
+    p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
+    p.set_defaults(handler=_generate)
 
     return parser
 

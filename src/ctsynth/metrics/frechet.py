@@ -9,6 +9,7 @@ it is only meaningful next to a real-vs-real value computed with the same n and 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 from scipy import linalg
@@ -23,6 +24,20 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
 
 
+def _sqrtm_quiet(matrix: np.ndarray) -> np.ndarray:
+    # scipy warns on singular input; _is_square_root below is the check we act on.
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(matrix)
+
+
+def _is_square_root(root: np.ndarray, matrix: np.ndarray, rtol: float = 1e-3) -> bool:
+    if not np.isfinite(root).all():
+        return False
+    residual = np.linalg.norm(root @ root - matrix)
+    return bool(residual <= rtol * max(np.linalg.norm(matrix), 1e-12))
+
+
 def frechet_distance_from_stats(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
@@ -31,14 +46,14 @@ def frechet_distance_from_stats(
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"mean/covariance shapes differ: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    with np.errstate(all="ignore"):
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    product = sigma1 @ sigma2
+    covmean = _sqrtm_quiet(product)
+    if not _is_square_root(covmean, product):
         # A singular product (fewer samples than dimensions, or a constant feature) has no
-        # finite square root; a small ridge on both covariances makes it well defined.
+        # accurate square root; a small ridge on both covariances makes it well defined.
         log.warning("Fréchet distance: singular covariance product; adding %g to the diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = _sqrtm_quiet((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         # Round-off gives tiny imaginary parts; a large one means the result is not trustworthy.
         max_imag = np.max(np.abs(covmean.imag))

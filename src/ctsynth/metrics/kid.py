@@ -48,15 +48,17 @@ def kernel_inception_distance(
 ) -> tuple[float, float]:
     """KID as (mean, std) of unbiased MMD^2 over random subsets of both sets.
 
-    The subset size is capped at the smaller set, so with 150 images every subset is a
-    random permutation-without-replacement draw of up to the whole set; the std over subsets
-    then shows how much of the number is sampling noise.
+    Each subset draws `subset_size` images from each set without replacement. At small n the
+    size is capped at half the smaller set: subsets as large as the set would all be the same
+    images, and the std over subsets (the spread that says how much of the number is sampling
+    noise) would be 0. The mean stays unbiased at any subset size.
     """
     real = np.asarray(real, dtype=np.float64)
     fake = np.asarray(fake, dtype=np.float64)
-    size = min(subset_size, len(real), len(fake))
-    if size < 2:
+    smaller = min(len(real), len(fake))
+    if smaller < 2 or subset_size < 2:
         raise ValueError(f"KID needs at least 2 images per set; got {len(real)} real and {len(fake)} synthetic")
+    size = min(subset_size, max(2, smaller // 2))
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets, dtype=np.float64)
     for i in range(num_subsets):

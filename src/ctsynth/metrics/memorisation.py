@@ -82,7 +82,9 @@ def memorisation(
     thresholds = {f"p{p:g}": float(np.percentile(reference, p)) for p in percentiles}
     # `<=` so that an exact copy counts even when the training set itself holds duplicates (p1 = 0).
     fraction_below = {name: float((nearest_distance <= value).mean()) for name, value in thresholds.items()}
-    order = np.argsort(nearest_distance)[:num_closest]
+    exact_copies = int((nearest_distance <= copy_tolerance).sum())
+    # Every copy is named, however many, and at least the `num_closest` closest pairs.
+    order = np.argsort(nearest_distance, kind="stable")[: max(num_closest, exact_copies)]
     closest = [
         {
             "image": query_names[i],
@@ -94,7 +96,7 @@ def memorisation(
     return MemorisationResult(
         percentiles=thresholds,
         fraction_below=fraction_below,
-        exact_copies=int((nearest_distance <= copy_tolerance).sum()),
+        exact_copies=exact_copies,
         nearest_distance=nearest_distance,
         nearest_index=nearest_index,
         train_nn_median=float(np.median(reference)),

@@ -1,0 +1,411 @@
+"""`validate_synthetic`: is the synthetic set realistic, varied, and not a copy of the training set?
+
+Which sets are compared, so that every synthetic number has a real-vs-real floor computed the
+same way:
+
+    real train split, per class, split at random into halves A and B (seeded)
+    feature space fitted on A only                   -> B and the synthetic images are out of sample
+    synthetic : metric(A, S)   S = synthetic images of the class, drawn down to |B| images
+    floor     : metric(A, B)   what two real samples of the same size give
+
+KID is unbiased, so its floor is ~0 with a spread; the Fréchet distance and precision/recall
+depend on n and the feature size, so only the comparison with the floor at the same n means
+anything. Memorisation compares each synthetic image with ALL training images (pixels, at the
+data resolution); its floor is the same statistic for the real validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ctsynth.config import DataParams, SyntheticParams
+from ctsynth.data.manifest import STATUS_OK, read_manifest
+from ctsynth.data.preprocess import ImageDecodeError, preprocess_bytes
+from ctsynth.metrics.features import InceptionFeatures, PixelPCAFeatures, find_inception_weights
+from ctsynth.metrics.frechet import frechet_distance
+from ctsynth.metrics.kid import kernel_inception_distance
+from ctsynth.metrics.memorisation import memorisation
+from ctsynth.metrics.prdc import precision_recall_density_coverage
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_MANIFEST = "manifest.csv"
+SYNTHETIC_REQUIRED_COLUMNS = ("path", "label", "label_id", "seed")
+METRICS_FILE = "metrics.json"
+FIGURE_FILE = "nearest_neighbours.png"
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # N x 1 x R x R in [-1, 1]
+    labels: np.ndarray  # N, class names
+    names: list[str]  # paths as written in the manifest
+    unreadable: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class SyntheticValidationResult:
+    success: bool
+    metrics: dict[str, Any]
+    failures: list[str]
+    metrics_path: Path
+    figure_path: Path | None
+
+
+def read_synthetic_manifest(folder: Path) -> pd.DataFrame:
+    path = Path(folder) / SYNTHETIC_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no synthetic manifest at {path}: run `ctsynth generate` first")
+    frame = pd.read_csv(path, dtype={"path": str, "label": str}, keep_default_na=False)
+    missing = [c for c in SYNTHETIC_REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"synthetic manifest {path} lacks columns {missing} (needs {list(SYNTHETIC_REQUIRED_COLUMNS)})")
+    if frame.empty:
+        raise ValueError(f"synthetic manifest {path} has no rows")
+    return frame
+
+
+def load_images(folder: Path, paths: list[str], labels: list[str], resolution: int, desc: str) -> ImageSet:
+    """Read images through THE preprocessing path; unreadable files are listed, not fatal, so the
+    report can say which ones they were."""
+    images, kept_labels, names, unreadable = [], [], [], []
+    for rel_path, label in tqdm(list(zip(paths, labels)), desc=desc, unit="img", leave=False):
+        file = Path(folder) / rel_path
+        try:
+            images.append(preprocess_bytes(file.read_bytes(), resolution))
+        except (OSError, ImageDecodeError) as exc:
+            unreadable.append({"path": rel_path, "error": f"{exc.__class__.__name__}: {exc}"})
+            continue
+        kept_labels.append(label)
+        names.append(rel_path)
+    if unreadable:
+        log.warning("%d of %d images in %s could not be read, first: %s", len(unreadable), len(paths), folder, unreadable[0])
+    stacked = np.stack(images) if images else np.zeros((0, 1, resolution, resolution), np.float32)
+    return ImageSet(stacked, np.asarray(kept_labels, dtype=object), names, unreadable)
+
+
+def split_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class random halves of the indices (A gets the extra image of an odd class)."""
+    rng = np.random.default_rng(seed)
+    half_a, half_b = [], []
+    for label in sorted(set(labels)):
+        index = rng.permutation(np.flatnonzero(labels == label))
+        cut = (len(index) + 1) // 2
+        half_a.append(index[:cut])
+        half_b.append(index[cut:])
+    return np.sort(np.concatenate(half_a)), np.sort(np.concatenate(half_b))
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, params: SyntheticParams, seed: int) -> dict[str, Any]:
+    """KID, Fréchet distance and k-NN precision/recall of `candidate` against `reference` features."""
+    out: dict[str, Any] = {"n_reference": int(len(reference)), "n_candidate": int(len(candidate))}
+    if min(len(reference), len(candidate)) <= params.pr_k:
+        out["skipped"] = f"need more than pr_k={params.pr_k} images per set"
+        return out
+    kid_mean, kid_std = kernel_inception_distance(reference, candidate, params.kid_subsets, params.kid_subset_size, seed)
+    out.update({"kid": kid_mean, "kid_std": kid_std, "frechet": frechet_distance(reference, candidate)})
+    out.update(precision_recall_density_coverage(reference, candidate, k=params.pr_k))
+    return out
+
+
+def _matched_subsets(
+    half_b: np.ndarray, synthetic: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays drawing both sets down to the same size, so floor and synthetic share n."""
+    n = min(len(half_b), len(synthetic))
+    return np.sort(rng.choice(half_b, n, replace=False)), np.sort(rng.choice(synthetic, n, replace=False))
+
+
+def quality_metrics(
+    train: ImageSet,
+    synthetic: ImageSet,
+    classes: list[str],
+    params: SyntheticParams,
+) -> dict[str, Any]:
+    """Distribution metrics overall and per class, each with its real-vs-real floor."""
+    half_a, half_b = split_halves(train.labels, params.seed)
+    feature_space = PixelPCAFeatures.fit(train.images[half_a], params.pca_components, params.pca_resolution, params.seed)
+    train_features = feature_space(train.images)
+    synthetic_features = feature_space(synthetic.images)
+
+    weights, reason = find_inception_weights(params.inception_weights)
+    inception = None
+    if weights is None:
+        log.info("Inception FID skipped: %s", reason)
+    else:
+        log.info("Inception FID with %s", reason)
+        inception = InceptionFeatures(weights)
+        inception_train, inception_synthetic = inception(train.images), inception(synthetic.images)
+
+    rng = np.random.default_rng(params.seed)
+    groups: dict[str, dict[str, Any]] = {}
+    matched_b, matched_s = [], []
+    for label in classes:
+        a = half_a[train.labels[half_a] == label]
+        b = half_b[train.labels[half_b] == label]
+        s = np.flatnonzero(synthetic.labels == label)
+        if len(s) == 0 or len(b) == 0:
+            groups[label] = {"skipped": f"{len(s)} synthetic and {len(b)} held-out real images of class {label}"}
+            continue
+        b, s = _matched_subsets(b, s, rng)
+        matched_b.append(b)
+        matched_s.append(s)
+        groups[label] = _group_metrics(a, b, s, train_features, synthetic_features, params)
+        if inception is not None:
+            groups[label]["fid_inception"] = _inception_fid(a, b, s, inception_train, inception_synthetic)
+    if matched_b:
+        b, s = np.concatenate(matched_b), np.concatenate(matched_s)
+        overall = _group_metrics(half_a, b, s, train_features, synthetic_features, params)
+        if inception is not None:
+            overall["fid_inception"] = _inception_fid(half_a, b, s, inception_train, inception_synthetic)
+    else:
+        overall = {"skipped": "no class has both synthetic and held-out real images"}
+    if inception is None:
+        overall["fid_inception"] = {"synthetic": None, "floor": None, "reason": reason}
+
+    return {
+        "feature_space": {
+            "name": feature_space.name,
+            "dim": feature_space.dim,
+            "pca_components": int(feature_space.pca.n_components_),
+            "pca_resolution": params.pca_resolution,
+            "pca_explained_variance_ratio": float(feature_space.pca.explained_variance_ratio_.sum()),
+            "fitted_on": f"train half A ({len(half_a)} images)",
+        },
+        "overall": overall,
+        "per_class": groups,
+    }
+
+
+def _group_metrics(a, b, s, train_features, synthetic_features, params: SyntheticParams) -> dict[str, Any]:
+    reference = train_features[a]
+    return {
+        "synthetic": compare(reference, synthetic_features[s], params, params.seed),
+        "floor": compare(reference, train_features[b], params, params.seed),
+    }
+
+
+def _inception_fid(a, b, s, inception_train, inception_synthetic) -> dict[str, Any]:
+    return {
+        "synthetic": frechet_distance(inception_train[a], inception_synthetic[s]),
+        "floor": frechet_distance(inception_train[a], inception_train[b]),
+        "reason": f"2048-d Gaussians from {len(a)} and {len(b)} images: dominated by estimation noise below ~2048",
+    }
+
+
+def memorisation_metrics(
+    train: ImageSet, synthetic: ImageSet, valid: ImageSet, classes: list[str], params: SyntheticParams
+) -> tuple[dict[str, Any], Any]:
+    """Synthetic-to-train nearest-neighbour distances, with the real validation images as floor."""
+    kwargs = {"copy_tolerance": params.copy_tolerance, "num_closest": params.nearest_neighbour_rows}
+    overall = memorisation(synthetic.images, train.images, synthetic.names, train.names, **kwargs)
+    out: dict[str, Any] = {
+        "overall": {
+            "synthetic": overall.summary(),
+            "floor": memorisation(valid.images, train.images, valid.names, train.names, **kwargs).summary()
+            if len(valid.images)
+            else None,
+        },
+        "per_class": {},
+    }
+    for label in classes:
+        s, t, v = synthetic.labels == label, train.labels == label, valid.labels == label
+        if s.sum() == 0 or t.sum() < 2:
+            continue
+        names = lambda image_set, mask: [n for n, keep in zip(image_set.names, mask) if keep]  # noqa: E731
+        out["per_class"][label] = {
+            "synthetic": memorisation(synthetic.images[s], train.images[t], names(synthetic, s), names(train, t), **kwargs).summary(),
+            "floor": memorisation(valid.images[v], train.images[t], names(valid, v), names(train, t), **kwargs).summary()
+            if v.sum()
+            else None,
+        }
+    return out, overall
+
+
+def nearest_neighbour_figure(synthetic: ImageSet, train: ImageSet, result, rows: int, path: Path) -> Path:
+    """The synthetic images closest to a training image, each beside that image and |difference|:
+    the pairs a person should look at first when judging memorisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(result.nearest_distance)[:rows]
+    fig, axes = plt.subplots(len(order), 3, figsize=(6.0, 2.1 * len(order)), squeeze=False)
+    for row, i in enumerate(order):
+        fake = synthetic.images[i, 0]
+        real = train.images[result.nearest_index[i], 0]
+        panels = (
+            (fake, f"synthetic {synthetic.labels[i]}\n{Path(synthetic.names[i]).name}", (-1, 1)),
+            (real, f"nearest train\n{Path(train.names[result.nearest_index[i]]).name}", (-1, 1)),
+            (np.abs(fake - real), f"|difference|\nRMS {result.nearest_distance[i]:.3f}", (0, 1)),
+        )
+        for ax, (image, title, (vmin, vmax)) in zip(axes[row], panels):
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    p1 = result.percentiles.get("p1")
+    fig.suptitle(f"Closest synthetic-train pairs (train-train NN p1 = {p1:.3f})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def quality_checks(metrics: dict[str, Any], params: SyntheticParams) -> dict[str, dict[str, Any]]:
+    """The stage's own pass/fail checks on the numbers (the manifest checks come from the suite)."""
+    synthetic_memo = metrics["memorisation"]["overall"]["synthetic"]
+    fraction = synthetic_memo["fraction_below"][params.memorisation_percentile]
+    checks = {
+        "exact_copies": {
+            "success": synthetic_memo["exact_copies"] == 0,
+            "detail": f"{synthetic_memo['exact_copies']} synthetic images within RMS {params.copy_tolerance} of a training image",
+        },
+        "memorisation": {
+            "success": fraction <= params.memorisation_max_fraction,
+            "detail": f"{fraction:.3f} of synthetic images are closer to a training image than the "
+            f"{params.memorisation_percentile} train-train NN distance (limit {params.memorisation_max_fraction})",
+        },
+    }
+    overall = metrics["quality"]["overall"]
+    if "synthetic" in overall and "kid" in overall["synthetic"]:
+        kid, floor = overall["synthetic"]["kid"], overall["floor"]
+        # The floor's KID is ~0 +- its std; compare against the spread, never against a value near 0.
+        allowed = params.kid_max_ratio * max(abs(floor["kid"]) + floor["kid_std"], 1e-6)
+        checks["kid"] = {
+            "success": kid <= allowed,
+            "detail": f"KID {kid:.4g} vs. limit {allowed:.4g} ({params.kid_max_ratio} x (|floor| + floor std))",
+        }
+    return checks
+
+
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers as flat MLflow metric names."""
+    flat: dict[str, float] = {}
+    groups = {"overall": metrics["quality"]["overall"], **{f"class.{k}": v for k, v in metrics["quality"]["per_class"].items()}}
+    for group, values in groups.items():
+        for which in ("synthetic", "floor"):
+            for key in ("kid", "kid_std", "frechet", "precision", "recall", "density", "coverage"):
+                value = values.get(which, {}).get(key) if isinstance(values.get(which), dict) else None
+                if value is not None:
+                    flat[f"{group}.{key}{'' if which == 'synthetic' else '_floor'}"] = float(value)
+        fid = values.get("fid_inception") or {}
+        for which in ("synthetic", "floor"):
+            if fid.get(which) is not None:
+                flat[f"{group}.fid_inception{'' if which == 'synthetic' else '_floor'}"] = float(fid[which])
+    memo = metrics["memorisation"]["overall"]
+    for which in ("synthetic", "floor"):
+        if memo.get(which):
+            suffix = "" if which == "synthetic" else "_floor"
+            for name, value in memo[which]["fraction_below"].items():
+                flat[f"memorisation.fraction_below_{name}{suffix}"] = float(value)
+            flat[f"memorisation.exact_copies{suffix}"] = float(memo[which]["exact_copies"])
+            flat[f"memorisation.nn_median{suffix}"] = float(memo[which]["nn_median"])
+    flat["success"] = float(metrics["success"])
+    return flat
+
+
+def validate_synthetic(
+    synthetic_dir: Path,
+    prepared_dir: Path,
+    report_dir: Path,
+    data_params: DataParams,
+    params: SyntheticParams,
+    manifest_checks=None,
+    log_to_mlflow: bool = True,
+) -> SyntheticValidationResult:
+    """Run the manifest checks and the quality metrics; write metrics.json + the figure; log to MLflow.
+
+    `manifest_checks(frame) -> {check: {"success": bool, ...}}` runs the validate stage's suite on
+    the synthetic manifest (see pipelines/validate_synthetic.py); None skips it.
+    """
+    synthetic_dir, prepared_dir, report_dir = Path(synthetic_dir), Path(prepared_dir), Path(report_dir)
+    classes = list(data_params.classes)
+    resolution = data_params.resolution
+
+    synthetic_manifest = read_synthetic_manifest(synthetic_dir)
+    unknown = sorted(set(synthetic_manifest["label"]) - set(classes))
+    if unknown:
+        log.warning("synthetic manifest has labels %s outside data.classes %s; those rows are left out of the metrics", unknown, classes)
+    known = synthetic_manifest[synthetic_manifest["label"].isin(classes)]
+    prepared = read_manifest(prepared_dir)
+    prepared = prepared[prepared["status"] == STATUS_OK]
+    train_rows = prepared[prepared["split"] == "train"]
+    valid_rows = prepared[prepared["split"] == "valid"]
+    if len(train_rows) < 4:
+        raise ValueError(f"{prepared_dir}: only {len(train_rows)} readable train images; the metrics need real images to compare with")
+
+    synthetic = load_images(synthetic_dir, known["path"].tolist(), known["label"].tolist(), resolution, "synthetic images")
+    train = load_images(prepared_dir, train_rows["path"].tolist(), train_rows["label"].tolist(), resolution, "train images")
+    valid = load_images(prepared_dir, valid_rows["path"].tolist(), valid_rows["label"].tolist(), resolution, "valid images")
+    if len(synthetic.images) == 0:
+        raise ValueError(f"{synthetic_dir}: none of the {len(synthetic_manifest)} synthetic images could be read")
+
+    checks: dict[str, dict[str, Any]] = {}
+    if manifest_checks is not None:
+        checks.update(manifest_checks(synthetic_manifest))
+
+    memo, overall_memo = memorisation_metrics(train, synthetic, valid, classes, params)
+    metrics: dict[str, Any] = {
+        "n": {
+            "synthetic_rows": int(len(synthetic_manifest)),
+            "synthetic_read": int(len(synthetic.images)),
+            "synthetic_unreadable": synthetic.unreadable,
+            "synthetic_unknown_labels": unknown,
+            "synthetic_per_class": {c: int((synthetic.labels == c).sum()) for c in classes},
+            "train_per_class": {c: int((train.labels == c).sum()) for c in classes},
+            "valid": int(len(valid.images)),
+        },
+        "quality": quality_metrics(train, synthetic, classes, params),
+        "memorisation": memo,
+    }
+    checks.update(quality_checks(metrics, params))
+    for name, check in checks.items():
+        check["fails_stage"] = name in params.fail_on
+    failures = [name for name, check in checks.items() if not check["success"] and check["fails_stage"]]
+    warnings = [name for name, check in checks.items() if not check["success"] and not check["fails_stage"]]
+    metrics["checks"] = checks
+    metrics["failures"] = failures
+    metrics["success"] = not failures
+    for name in warnings:
+        log.warning("check %s failed (warning only): %s", name, checks[name].get("detail", ""))
+    for name in failures:
+        log.error("check %s failed: %s", name, checks[name].get("detail", ""))
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = report_dir / METRICS_FILE
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
+    figure_path = nearest_neighbour_figure(synthetic, train, overall_memo, params.nearest_neighbour_rows, report_dir / FIGURE_FILE)
+    log.info("wrote %s and %s", metrics_path, figure_path)
+
+    if log_to_mlflow:
+        _log_to_mlflow(metrics, params, metrics_path, figure_path)
+    return SyntheticValidationResult(not failures, metrics, failures, metrics_path, figure_path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _log_to_mlflow(metrics: dict[str, Any], params: SyntheticParams, metrics_path: Path, figure_path: Path) -> None:
+    from ctsynth.tracking import EXPERIMENT_GAN, start_run
+
+    with start_run(EXPERIMENT_GAN, "validate_synthetic", tags={"stage": "validate_synthetic"}) as run:
+        import mlflow
+
+        mlflow.log_params({f"synthetic.{k}": v for k, v in params.model_dump().items()})
+        mlflow.log_metrics(_flat_metrics(metrics))
+        mlflow.log_artifact(str(metrics_path), artifact_path="synthetic")
+        mlflow.log_artifact(str(figure_path), artifact_path="synthetic")
+        log.info("logged validate_synthetic to MLflow run %s", run.info.run_id)

@@ -1,0 +1,109 @@
+"""validate_synthetic on tiny tmp data: the floors are written, copies fail the stage, a blurred
+"generator" scores worse than the real floor, MLflow gets the run, bad input names the file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pandas as pd
+import pytest
+from _synthetic_data import write_prepared, write_synthetic
+
+from ctsynth.cli import main as cli_main
+from ctsynth.config import DataParams, SyntheticParams
+from ctsynth.metrics.synthetic import validate_synthetic
+
+DATA = DataParams(resolution=32)
+PARAMS = SyntheticParams(kid_subsets=20, nearest_neighbour_rows=4)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+def _run(tmp_path, prepared, **synthetic_kwargs):
+    synthetic = write_synthetic(tmp_path / "synthetic", prepared, **synthetic_kwargs)
+    return validate_synthetic(synthetic, prepared, tmp_path / "report", DATA, PARAMS, log_to_mlflow=False)
+
+
+def test_stage_writes_metrics_with_floors_and_passes_fresh_images(tmp_path, prepared):
+    result = _run(tmp_path, prepared)
+    written = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert written["success"] is True and result.success
+    assert (tmp_path / "report" / "nearest_neighbours.png").stat().st_size > 1000
+    overall = written["quality"]["overall"]
+    for key in ("kid", "kid_std", "frechet", "precision", "recall", "density", "coverage"):
+        assert isinstance(overall["synthetic"][key], float)
+        assert isinstance(overall["floor"][key], float)
+    # Floor and synthetic use the same reference half and the same n.
+    assert overall["synthetic"]["n_candidate"] == overall["floor"]["n_candidate"] == 40
+    assert set(written["quality"]["per_class"]) == {"normal", "squamous"}
+    assert overall["fid_inception"]["synthetic"] is None and "never downloaded" in overall["fid_inception"]["reason"]
+    memo = written["memorisation"]["overall"]
+    assert memo["synthetic"]["exact_copies"] == 0 and memo["floor"]["exact_copies"] == 0
+    assert set(memo["floor"]["fraction_below"]) == {"p1", "p5"}
+    assert written["checks"]["memorisation"]["success"] and written["checks"]["exact_copies"]["success"]
+
+
+def test_copies_of_training_images_fail_the_stage_and_are_named(tmp_path, prepared):
+    result = _run(tmp_path, prepared, copies=3)
+    assert not result.success
+    assert {"exact_copies", "memorisation"} <= set(result.failures)
+    memo = result.metrics["memorisation"]["overall"]["synthetic"]
+    assert memo["exact_copies"] == 6  # 3 per class
+    # All copies are named even though the figure shows only nearest_neighbour_rows = 4 pairs.
+    closest = {(pair["image"], pair["nearest_train"]) for pair in memo["closest_pairs"] if pair["distance"] == 0.0}
+    assert len(closest) == 6
+    assert ("normal/00000.png", "train/normal/normal_000.png") in closest
+    assert ("squamous/00002.png", "train/squamous/squamous_002.png") in closest
+
+
+def test_a_blurring_generator_scores_clearly_worse_than_the_real_floor(tmp_path, prepared):
+    result = _run(tmp_path, prepared, blur=True)
+    overall = result.metrics["quality"]["overall"]
+    synthetic, floor = overall["synthetic"], overall["floor"]
+    assert synthetic["kid"] > 10 * (abs(floor["kid"]) + floor["kid_std"])
+    assert synthetic["frechet"] > 3 * floor["frechet"]
+    assert synthetic["recall"] < floor["recall"] - 0.3
+    assert result.metrics["checks"]["kid"]["success"] is False
+    assert result.success  # kid is not in fail_on by default: it warns
+
+
+def test_cli_logs_the_run_to_mlflow(tmp_path, prepared, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("data:\n  resolution: 32\nsynthetic:\n  kid_subsets: 10\n")
+    synthetic = write_synthetic(tmp_path / "synthetic", prepared)
+    code = cli_main(
+        ["--params", str(params_file), "validate-synthetic", "--synthetic", str(synthetic),
+         "--prepared", str(prepared), "--report", str(tmp_path / "report")]
+    )
+    assert code == 0
+    with sqlite3.connect(db) as connection:
+        runs = connection.execute(
+            "SELECT r.name FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = 'ctsynth-gan'"
+        ).fetchall()
+        metric_keys = {row[0] for row in connection.execute("SELECT key FROM metrics").fetchall()}
+    assert runs == [("validate_synthetic",)]
+    assert {"overall.kid", "overall.kid_floor", "class.normal.precision_floor", "memorisation.fraction_below_p1"} <= metric_keys
+
+
+def test_missing_manifest_columns_name_the_file(tmp_path, prepared):
+    synthetic = write_synthetic(tmp_path / "synthetic", prepared, per_class=5)
+    pd.read_csv(synthetic / "manifest.csv").drop(columns=["seed"]).to_csv(synthetic / "manifest.csv", index=False)
+    with pytest.raises(ValueError, match=r"manifest\.csv lacks columns \['seed'\]"):
+        validate_synthetic(synthetic, prepared, tmp_path / "report", DATA, PARAMS, log_to_mlflow=False)
+    with pytest.raises(FileNotFoundError, match="ctsynth generate"):
+        validate_synthetic(tmp_path / "nowhere", prepared, tmp_path / "report", DATA, PARAMS, log_to_mlflow=False)
+
+
+def test_unreadable_synthetic_image_is_reported_by_name(tmp_path, prepared):
+    synthetic = write_synthetic(tmp_path / "synthetic", prepared, per_class=12)
+    (synthetic / "normal" / "00004.png").write_bytes(b"not a png")
+    result = validate_synthetic(synthetic, prepared, tmp_path / "report", DATA, PARAMS, log_to_mlflow=False)
+    unreadable = result.metrics["n"]["synthetic_unreadable"]
+    assert [entry["path"] for entry in unreadable] == ["normal/00004.png"]
+    assert result.metrics["n"]["synthetic_read"] == 23
