@@ -9,7 +9,7 @@ augmented distribution from the clean one's augmentation.
 
 Geometric transforms ("blit" + "geom") are composed into one 3x3 matrix per
 image and applied once: reflect pad, 2x upsample with a low-pass filter,
-bilinear ``grid_sample``, low-pass 2x downsample. Colour transforms are composed
+bilinear resample (``affine_grid`` + ``bilinear_sample``), low-pass 2x downsample. Colour transforms are composed
 into one 4x4 matrix on (r, g, b, 1). Hue and saturation are skipped for
 1-channel images (on grey they are the identity anyway).
 
@@ -18,9 +18,14 @@ into one 4x4 matrix on (r, g, b, 1). Hue and saturation are skipped for
 
 Double backward: R1 needs the gradient of ``||d D(aug(x)) / dx||^2`` with
 respect to D's parameters, so the resampling must be twice differentiable in
-its input. ``torch.nn.functional.grid_sample`` is (checked by
-``torch.autograd.gradgradcheck`` in ``tests/test_gan_augment.py``); reflect
-padding and the FIR filters (convolutions) are too.
+its input. ``torch.nn.functional.grid_sample`` is only on recent PyTorch
+(2.11 raises "derivative for aten::grid_sampler_2d_backward is not
+implemented"; 2.14 has it), so the bilinear resample here is written with
+``gather`` (backward: ``scatter_add``, whose backward is ``gather`` again) and
+matches ``grid_sample(mode='bilinear', padding_mode='zeros',
+align_corners=False)``. Reflect padding and the FIR filters (convolutions) are
+twice differentiable too. ``tests/test_gan_augment.py`` checks both with
+``torch.autograd.gradgradcheck``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch.nn import functional as F
 
 from ctsynth.gan.ops import setup_filter, upfirdn2d
 
-__all__ = ["AUGMENT_SPECS", "AugmentPipe", "AdaptiveP", "lowpass_filter"]
+__all__ = ["AUGMENT_SPECS", "AugmentPipe", "AdaptiveP", "bilinear_sample", "lowpass_filter"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,36 @@ def lowpass_filter(taps: int = 12) -> torch.Tensor:
     window = torch.cos(math.pi * n / (taps + 1)).square()  # Hann window, non-zero at the ends
     f = torch.sinc(n / 2) * window
     return setup_filter((f / f.sum()).float())
+
+
+def bilinear_sample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Twice-differentiable (in ``images``) bilinear sampling.
+
+    Same result as ``F.grid_sample(images, grid, mode='bilinear',
+    padding_mode='zeros', align_corners=False)``: ``grid`` is ``N x Ho x Wo x 2``
+    in normalised ``[-1, 1]`` coordinates (x, y), where -1 and 1 are the outer
+    edges of the border pixels. ``grid`` is treated as a constant (no gradient).
+    """
+    batch, channels, height, width = images.shape
+    out_h, out_w = grid.shape[1], grid.shape[2]
+    grid = grid.detach()
+    x = ((grid[..., 0] + 1) * width - 1) / 2  # pixel-index coordinates
+    y = ((grid[..., 1] + 1) * height - 1) / 2
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = (x - x0).to(images.dtype), (y - y0).to(images.dtype)
+    x0, y0 = x0.long(), y0.long()
+    flat = images.reshape(batch, channels, height * width)
+    out: torch.Tensor | None = None
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)  # zeros outside
+            index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).reshape(batch, 1, out_h * out_w)
+            values = flat.gather(2, index.expand(batch, channels, out_h * out_w)).reshape(batch, channels, out_h, out_w)
+            term = values * (wx * wy * inside).unsqueeze(1)
+            out = term if out is None else out + term
+    assert out is not None
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +318,7 @@ class AugmentPipe(nn.Module):
         )
         theta = (to_normalised @ g @ to_pixels)[:, :2].to(x.dtype)
         grid = F.affine_grid(theta, [batch, channels, grid_h, grid_w], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = bilinear_sample(x, grid)
 
         # Low-pass and decimate back to H x W.
         return upfirdn2d(x, f, down=2)

@@ -293,11 +293,11 @@ class MappingNetwork(nn.Module):
         if self.z_dim > 0:
             if z is None:
                 raise ValueError("this mapping network needs z")
-            parts.append(normalize_2nd_moment(z.float()))
+            parts.append(normalize_2nd_moment(z))
         if self.embed is not None:
             if c is None or c.shape[-1] != self.c_dim:
                 raise ValueError(f"expected labels with {self.c_dim} columns, got {None if c is None else tuple(c.shape)}")
-            parts.append(normalize_2nd_moment(self.embed(c.float())))
+            parts.append(normalize_2nd_moment(self.embed(c.to(self.embed.weight.dtype))))  # labels may be int
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for layer in self.layers:
             x = layer(x)
