@@ -186,6 +186,33 @@ class SyntheticParams(Section):
     fail_on: list[str] = ["readable", "labels", "size", "blank", "exact_copies", "memorisation"]
 
 
+class GanParams(Section):
+    """`train_gan`: a preset from ctsynth.gan.presets, then any GANConfig field in `overrides`."""
+
+    preset: str = "cpu64"
+    resolution: int | None = None  # None: data.resolution
+    per_class: bool = False  # False: one conditional model; True: one model per class (the study's way)
+    kimg: float = Field(4.0, gt=0)
+    snap: float = Field(1.0, gt=0)
+    snap_keep: int = Field(3, ge=1)
+    tick_kimg: float = Field(0.25, gt=0)
+    overrides: dict[str, Any] = {}
+    out: str = "models/gan"
+    report: str = "reports/gan"
+
+
+class GenerateParams(Section):
+    """`generate`: N images per class from the final G_ema, seeded."""
+
+    per_class: int = Field(200, ge=1)  # the sweep's largest ratio x real train images per class
+    seed: int = 0
+    psi: float = Field(1.0, ge=0.0, le=2.0)
+    out_resolution: int | None = None  # None: data.resolution (the reference study resized 256 -> 224)
+    noise_mode: Literal["random", "const", "none"] = "const"
+    batch: int = Field(32, ge=1)
+    out: str = "data/synthetic"
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -195,6 +222,8 @@ class Params(BaseModel):
     sweep: SweepParams = SweepParams()
     select: SelectParams = SelectParams()
     synthetic: SyntheticParams = SyntheticParams()
+    gan: GanParams = GanParams()
+    generate: GenerateParams = GenerateParams()
 
     @property
     def validation(self) -> ValidateParams:

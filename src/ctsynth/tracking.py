@@ -78,13 +78,23 @@ def start_run(
     tags: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
     root: Path | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Any]:
-    """An MLflow run in `experiment` with the standard tags; nested under `parent_run_id` if given."""
+    """An MLflow run in `experiment` with the standard tags; nested under `parent_run_id` if given.
+
+    `resume_run_id` continues an existing run (a resumed GAN training keeps one run and one
+    metric history instead of starting a second run at the resume point).
+    """
     mlflow = configure(root)
     experiment_id = ensure_experiment(experiment, root)
     all_tags = {**standard_tags(root), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if resume_run_id:
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            log.info("MLflow run %s resumed at %s", resume_run_id, tracking_uri(root))
+            yield run
+        return
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
         log.info("MLflow run %s (%s) in experiment %s at %s", run_name, run.info.run_id, experiment, tracking_uri(root))
         yield run
