@@ -195,6 +195,27 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def champion_version(
+    name: str = tracking.REGISTERED_MODEL,
+    alias: str = tracking.CHAMPION_ALIAS,
+    root: Path | None = None,
+):
+    """The ModelVersion that `name@alias` points at (cheap: no download). ChampionNotFoundError if none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    tracking.configure(root)
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise ChampionNotFoundError(
+            f"no champion model: registered model '{name}' has no version with alias '@{alias}' in the "
+            f"MLflow store {tracking.tracking_uri(root)} ({exc.error_code}). Run `dvc repro select` (or "
+            f"`make demo`) first to train, select and register one, point MLFLOW_TRACKING_URI at the store "
+            f"that holds it, or set CTSYNTH_ONNX_MODEL to an ONNX file exported by ctsynth.export."
+        ) from exc
+
+
 def load_champion(
     name: str = tracking.REGISTERED_MODEL,
     alias: str = tracking.CHAMPION_ALIAS,
@@ -205,22 +226,8 @@ def load_champion(
     Raises ChampionNotFoundError (with what to run) when the store has no such alias.
     """
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    tracking.configure(root)
-    uri = tracking.tracking_uri(root)
-    client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        raise ChampionNotFoundError(
-            f"no champion model: registered model '{name}' has no version with alias '@{alias}' in the "
-            f"MLflow store {uri} ({exc.error_code}). Run `dvc repro select` (or `make demo`) first to "
-            f"train, select and register one, point MLFLOW_TRACKING_URI at the store that holds it, or "
-            f"set CTSYNTH_ONNX_MODEL to an ONNX file exported by ctsynth.export."
-        ) from exc
-
+    version = champion_version(name, alias, root)
     model_uri = f"models:/{name}/{version.version}"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
