@@ -150,7 +150,8 @@ def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: s
                            "train_counts": json.dumps(counts)})
         result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, seed, progress=progress)
         for record in result.history:
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch" and not math.isnan(v)}, step=record["epoch"])
+            # curve/... so the per-epoch series never mix with the final valid_/test_ values
+            mlflow.log_metrics({f"curve/{k}": v for k, v in record.items() if k != "epoch" and not math.isnan(v)}, step=record["epoch"])
         final = {f"{split}_{metric}": getattr(result, split)[metric] for split in ("valid", "test") for metric in (*METRIC_NAMES, "loss")}
         mlflow.log_metrics({k: v for k, v in final.items() if not math.isnan(v)} | {"best_epoch": result.best_epoch})
         for split in ("test", "valid"):

@@ -1,0 +1,82 @@
+"""End to end on tiny data: sweep items (MLflow children under one parent), then select."""
+
+import json
+
+import pytest
+from _classifier_data import CLASSES, write_prepared, write_synthetic
+
+from ctsynth.config import Params
+
+SWEEP = [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    write_prepared(root, {"train": (12, 12), "valid": (4, 4), "test": (5, 5)}, size=16)
+    write_synthetic(root, per_class=8, size=16)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    params = Params.model_validate({
+        "data": {"resolution": 16},
+        "classifier": {"resolution": 16, "epochs": 3, "patience": 2, "batch_size": 8, "feature_cache": str(root / "cache")},
+        "sweep": {"ratios": [0.0, 0.5], "seeds": [0, 1]},
+    })
+    from ctsynth.classifier.sweep import run_sweep_item
+
+    outputs = {(r, s): run_sweep_item(params, r, s, root, progress=False) for r, s in SWEEP}
+    yield root, params, outputs
+    mp.undo()
+
+
+def test_each_item_writes_metrics_and_weights_and_is_a_child_of_one_parent(sweep):
+    from mlflow import MlflowClient
+
+    root, _, outputs = sweep
+    assert {o.metrics_path.name for o in outputs.values()} == {"r0.0_s0.json", "r0.0_s1.json", "r0.5_s0.json", "r0.5_s1.json"}
+    record = json.loads(outputs[(0.5, 1)].metrics_path.read_text())
+    assert record["train_counts"] == {"normal": {"real": 12, "synthetic": 6}, "squamous": {"real": 12, "synthetic": 6}}
+    assert record["test"]["n"] == 10 and record["valid"]["n"] == 8
+    assert 1 <= record["best_epoch"] <= record["epochs_run"] == len(record["history"])
+    assert (root / record["state_dict"]).is_file()
+
+    parents = {o.parent_run_id for o in outputs.values()}
+    assert len(parents) == 1  # found by sweep_id tag across separate calls
+    client = MlflowClient()
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["sweep_role"] == "parent"
+    child = client.get_run(outputs[(0.5, 1)].run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (child.data.tags["ratio"], child.data.tags["seed"], child.data.tags["stage"]) == ("0.5", "1", "train_classifier")
+    curve = client.get_metric_history(child.info.run_id, "curve/valid_loss")
+    assert [m.step for m in curve] == list(range(1, record["epochs_run"] + 1))
+    assert child.data.metrics["test_accuracy"] == pytest.approx(record["test"]["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"confusion_matrix_test.png", "model", "r0.5_s1.json"} <= artifacts
+
+
+def test_select_writes_statistics_exports_onnx_and_registers_the_champion(sweep):
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from ctsynth.classifier.selection import run_select
+    from ctsynth.export import read_onnx_info
+
+    root, params, outputs = sweep
+    summary = run_select(params, root)
+    table = pd.read_csv(root / "reports/sweep.csv")
+    assert len(table) == 4  # no run dropped
+    written = json.loads((root / "metrics/summary.json").read_text())
+    assert written["ratios"]["0.5"]["test_accuracy"]["n"] == 2
+    assert written["ratios"]["0.5"]["test_accuracy_minus_baseline"]["seeds"] == [0, 1]
+    expected_mean = table[table.ratio == 0.5]["test_accuracy"].mean()
+    assert written["ratios"]["0.5"]["test_accuracy"]["mean"] == pytest.approx(expected_mean, abs=1e-6)
+    assert (root / "plots/ratio_vs_metric.png").stat().st_size > 10_000
+    champion = summary["champion"]
+    best_valid = table.groupby("ratio")["valid_balanced_accuracy"].mean().max()
+    assert table.groupby("ratio")["valid_balanced_accuracy"].mean()[champion["ratio"]] == pytest.approx(best_valid)
+    assert champion["onnx"]["parity_max_abs_logit_diff"] <= 1e-4
+    assert read_onnx_info(root / "models/classifier/model.onnx").classes == CLASSES
+    version = MlflowClient().get_model_version_by_alias("ctsynth-classifier", "champion")
+    assert str(version.version) == str(champion["registered"]["version"])
+    assert version.tags["source_run_id"] == champion["run_id"]
