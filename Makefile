@@ -33,3 +33,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+# The champion classifier over HTTP (serving/service.py): POST /predict with an `image` file field.
+# `make serve HOST=0.0.0.0 PORT=8080` to listen elsewhere (HOST only from the command line: zsh
+# exports HOST as the machine name); CTSYNTH_ONNX_MODEL=file.onnx serves a file, not the registry.
+SERVE_HOST := $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1)
+PORT ?= 3000
+.PHONY: serve
+serve: | $(STAMP)
+	$(BIN)/bentoml serve serving.service:CTSynthClassifier --host $(SERVE_HOST) --port $(PORT)

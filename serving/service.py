@@ -34,6 +34,13 @@ from typing import Any
 
 import bentoml
 import numpy as np
+
+try:
+    import ctsynth  # noqa: F401  (installed: `make install` / `pip install -e .`)
+except ImportError:  # inside a bento built from serving/bentofile.yaml the source ships as src/ctsynth
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.requests import Request

@@ -18,8 +18,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: serving reads ONNX metadata without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ def export_onnx(
     device are restored afterwards.
     """
     import onnx
+    import torch
 
     if not classes:
         raise ValueError("export_onnx: classes is empty; the model must name what its logits mean")
@@ -156,6 +161,8 @@ def check_parity(
 
     Raises OnnxParityError naming the largest difference and where it is when it exceeds `atol`.
     """
+    import torch
+
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     images = np.ascontiguousarray(images, dtype=np.float32)
