@@ -1,4 +1,4 @@
-"""DVC stage `select`: python pipelines/select.py
+"""DVC stage `select`: python pipelines/select_champion.py (not select.py: that name would shadow the stdlib `select` module for every script in pipelines/)
 
 Reads every metrics/sweep/r*_s*.json, writes reports/sweep.csv, metrics/summary.json (mean +- 95 %
 CI per ratio and metric, paired differences against ratio 0) and plots/ratio_vs_metric.{png,csv};
