@@ -61,11 +61,16 @@ class ValidateParams(Section):
         "valid": [5, 2000],
         "test": [10, 2000],
     }
+    # Near duplicates: pHash within this many bits picks candidates, and the prepared images'
+    # pixel correlation must reach near_duplicate_min_correlation (chest slices share one layout,
+    # so distinct slices can have almost equal pHashes).
     near_duplicate_max_hamming: int = Field(4, ge=0, le=64)
+    near_duplicate_min_correlation: float = Field(0.98, ge=0.0, le=1.0)
     blank_max_std: float = 0.01
     # Checks named here fail the stage; every other check only warns.
     fail_on: list[str] = [
         "readable",
+        "complete",
         "labels",
         "size",
         "mode",

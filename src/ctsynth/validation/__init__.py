@@ -1,0 +1,1 @@
+"""Great Expectations data checks and the leakage / near-duplicate detector."""
