@@ -80,3 +80,19 @@ def test_select_writes_statistics_exports_onnx_and_registers_the_champion(sweep)
     version = MlflowClient().get_model_version_by_alias("ctsynth-classifier", "champion")
     assert str(version.version) == str(champion["registered"]["version"])
     assert version.tags["source_run_id"] == champion["run_id"]
+
+
+def test_predict_cli_answers_from_the_champion_and_from_an_onnx_file(sweep, capsys):
+    from ctsynth.cli import main
+
+    root, _, _ = sweep
+    image = root / "data/prepared/test/squamous/squamous_000.png"
+    bad = root / "data/prepared/manifest.csv"
+    assert main(["predict", str(image)]) == 0  # champion from the registry (MLFLOW_TRACKING_URI)
+    from_registry = json.loads(capsys.readouterr().out.strip())
+    assert from_registry["label"] in CLASSES and sum(from_registry["probabilities"].values()) == pytest.approx(1.0)
+    assert from_registry["model"]["name"] == "ctsynth-classifier"
+    assert main(["predict", "--onnx", str(root / "models/classifier/model.onnx"), str(image), str(bad)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["probabilities"] == pytest.approx(from_registry["probabilities"], abs=1e-6)
+    assert "not a PNG, JPEG or DICOM" in lines[1]["error"]

@@ -100,6 +100,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_classifier(args: argparse.Namespace) -> int:
+    from ctsynth.classifier.sweep import run_sweep_item
+    from ctsynth.config import load_params
+    from ctsynth.paths import repo_root
+
+    params = load_params(args.params)
+    ratios = args.ratio if args.ratio is not None else [str(r) for r in params.sweep.ratios]
+    seeds = args.seed if args.seed is not None else params.sweep.seeds
+    for ratio in ratios:
+        for seed in seeds:
+            run_sweep_item(params, float(ratio), seed, repo_root(), label=ratio)
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from ctsynth.classifier.selection import run_select
+    from ctsynth.config import load_params
+    from ctsynth.paths import repo_root
+
+    run_select(load_params(args.params), repo_root())
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from ctsynth.classifier.predict import predict_files
+    from ctsynth.registry import load_champion, load_onnx_file
+
+    model = load_onnx_file(args.onnx) if args.onnx else load_champion()
+    answers = predict_files([Path(f) for f in args.files], model)
+    for answer in answers:
+        print(json.dumps(answer))
+    return 1 if any("error" in a for a in answers) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctsynth",
@@ -162,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="resize outputs to this size (e.g. 224)")
     p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
     p.set_defaults(handler=_generate)
+
+
+    p = commands.add_parser("train-classifier", help="train sweep items (default: every sweep.ratios x sweep.seeds) with MLflow child runs")
+    p.add_argument("--ratio", nargs="+", default=None, help="synthetic ratios to run (default: sweep.ratios)")
+    p.add_argument("--seed", nargs="+", type=int, default=None, help="seeds to run (default: sweep.seeds)")
+    p.set_defaults(handler=_train_classifier)
+
+    p = commands.add_parser("select", help="sweep statistics, champion by validation metric, ONNX export + parity, registry")
+    p.set_defaults(handler=_select)
+
+    p = commands.add_parser("predict", help="label + probabilities per image file as JSON lines (champion or --onnx)")
+    p.add_argument("files", nargs="+", help="PNG, JPEG or DICOM files")
+    p.add_argument("--onnx", default=None, help="an exported ONNX file instead of ctsynth-classifier@champion")
+    p.set_defaults(handler=_predict)
 
     return parser
 
