@@ -338,6 +338,7 @@ class GANTrainer:
             "G_ema": self.G_ema.state_dict(),
             "cur_nimg": self.cur_nimg,
             "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
+            "mlflow_run_id": self.mlflow_run_id or "",
         }
         ckpt.atomic_torch_save(final, path)
         return path
@@ -352,15 +353,14 @@ class GANTrainer:
         next_snap = (self.cur_nimg // snap_nimg + 1) * snap_nimg
         next_tick = (self.cur_nimg // tick_nimg + 1) * tick_nimg
         bar = tqdm(
-            total=round(total_nimg / 1000, 3), initial=round(self.cur_nimg / 1000, 3), unit="kimg",
-            desc=f"train_gan {self.options.run_name}", disable=not self.options.progress or self.rank != 0,
-            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]",
+            total=total_nimg, initial=min(self.cur_nimg, total_nimg), unit="kimg", unit_scale=1e-3,
+            desc=self.options.run_name, disable=not self.options.progress or self.rank != 0,
         )
         self._tick_start, self._tick_start_nimg = time.perf_counter(), self.cur_nimg
         while self.cur_nimg < total_nimg:
             before = self.cur_nimg
             self._train_step()
-            bar.update((self.cur_nimg - before) / 1000)
+            bar.update(min(self.cur_nimg, total_nimg) - min(before, total_nimg))
             done = self.cur_nimg >= total_nimg
             if self.rank == 0 and (self.cur_nimg >= next_tick or done):
                 record = self._tick_record()
