@@ -155,8 +155,12 @@ def train_classifier(
     classes: list[str],
     seed: int,
     progress: bool = True,
+    use_feature_cache: bool = True,
 ) -> TrainResult:
-    """Train on `train_items`, choose weights on `valid_items`, measure on `test_items`."""
+    """Train on `train_items`, choose weights on `valid_items`, measure on `test_items`.
+
+    use_feature_cache=False runs a frozen backbone on every image every epoch instead of reading
+    cached features (the baseline benchmarks/sweep_speed.py compares the cache against)."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -165,7 +169,7 @@ def train_classifier(
     test_labels = torch.tensor([item.label_id for item in test_items])
     precision: dict = {}
 
-    if params.freeze_backbone:
+    if params.freeze_backbone and use_feature_cache:
         decision = decide_feature_precision(
             _cache_root(params), model.backbone, params.resolution, valid_items, params.inference_precision, params.bf16_feature_tolerance
         )
