@@ -20,12 +20,16 @@ Settings (environment variables):
     CTSYNTH_ORT_DEVICE        auto (default: CUDA when a driver is present, else CPU) | cpu | cuda
     CTSYNTH_ORT_THREADS       onnxruntime intra-op threads (default: onnxruntime's choice)
     CTSYNTH_MAX_BATCH_SIZE    adaptive batching: largest batch (default 64)
+    CTSYNTH_MAX_LATENCY_MS    adaptive batching: latency budget (default 1000). BentoML scales its
+                              first guesses of the batch cost from it, and sheds requests (503)
+                              that would queue longer than this
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+from http import HTTPStatus
 import logging
 import os
 from dataclasses import dataclass
@@ -56,6 +60,7 @@ PREDICT_PATH = "/predict"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Requests up to this much over the image itself are multipart framing, not image bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+CONNECTION_RETRIES = 2
 
 
 def _env_int(name: str, default: int) -> int:
@@ -79,6 +84,7 @@ class ServingSettings:
     ort_device: str
     ort_threads: int | None
     max_batch_size: int
+    max_latency_ms: int
 
     @classmethod
     def from_env(cls) -> "ServingSettings":
@@ -93,6 +99,7 @@ class ServingSettings:
             ort_device=device,
             ort_threads=_env_int("CTSYNTH_ORT_THREADS", 0) if threads else None,
             max_batch_size=_env_int("CTSYNTH_MAX_BATCH_SIZE", 64),
+            max_latency_ms=_env_int("CTSYNTH_MAX_LATENCY_MS", 1000),
         )
 
 
@@ -120,6 +127,9 @@ def _make_session(onnx_bytes: bytes, settings: ServingSettings):
     options = ort.SessionOptions()
     if settings.ort_threads:
         options.intra_op_num_threads = settings.ort_threads
+    # onnxruntime's worker threads spin between runs by default; in a server they would burn the
+    # cores that the HTTP workers need to parse and preprocess the next requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = settings.ort_device == "cuda" or (
         settings.ort_device == "auto"
         and "CUDAExecutionProvider" in ort.get_available_providers()
@@ -185,13 +195,17 @@ class OnnxModel:
             self.model.resolution,
             self.session.get_providers(),
         )
+        self.batches = 0  # adaptive batching at work: images / batches is the mean batch size
+        self.images = 0
         # First run allocates; do it now rather than in the first request.
         self.session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((1, 1, self.model.resolution, self.model.resolution), np.float32)})
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=10_000)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def logits(self, images: np.ndarray) -> np.ndarray:
         """float32 N x 1 x R x R (preprocessed) -> N x C logits."""
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        self.batches += 1
+        self.images += len(images)
         return logits
 
     @bentoml.api
@@ -203,6 +217,8 @@ class OnnxModel:
             "resolution": self.model.resolution,
             "source": self.model.source,
             "providers": self.session.get_providers(),
+            "batches": self.batches,
+            "images": self.images,
         }
 
 
@@ -402,6 +418,21 @@ class CTSynthClassifier:
             _check_dicom_header(data, self.settings.max_pixels)
         return preprocess_bytes(data, resolution, max_pixels=self.settings.max_pixels)
 
+    async def _logits(self, batch: np.ndarray) -> np.ndarray:
+        import aiohttp
+
+        # BentoML's client to a dependency pools keep-alive connections for 15 s, and uvicorn closes
+        # idle ones after 5 s: a request can land on a closed connection (bentoml/BentoML#4971,
+        # fix proposed in #5698). `logits` is a pure function, so retrying is safe.
+        for attempt in range(CONNECTION_RETRIES + 1):
+            try:
+                return await self.onnx_model.to_async.logits(batch)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == CONNECTION_RETRIES:
+                    raise
+                log.info("retrying logits after a dropped connection to the model service: %s", exc)
+        raise AssertionError("unreachable")
+
     @bentoml.api(route=PREDICT_PATH)
     async def predict(self, image: Path) -> Prediction:
         """Classify one chest-CT slice (PNG, JPEG in any mode, or single-frame DICOM).
@@ -419,7 +450,13 @@ class CTSynthClassifier:
             return _error(400, "invalid_image", f"field '{IMAGE_FIELD}': {exc}")
         except MemoryError:
             return _error(413, "too_large", f"field '{IMAGE_FIELD}': the image is too large to decode")
-        logits = await self.onnx_model.to_async.logits(model_input[None])
+        try:
+            logits = await self._logits(model_input[None])
+        except bentoml.exceptions.BentoMLException as exc:
+            if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+                # the batcher shed this request: it would have waited past CTSYNTH_MAX_LATENCY_MS
+                return _error(503, "overloaded", "the model is busy; retry shortly")
+            raise
         probabilities = _softmax(np.asarray(logits)[0])
         classes = list(info["classes"])
         return Prediction(
@@ -430,8 +467,9 @@ class CTSynthClassifier:
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:
-        """Which model answers: registry name and version, classes, input resolution, providers."""
-        return await self._model_info()
+        """Which model answers (registry name and version, classes, resolution, providers) and
+        how many images it has classified in how many batches."""
+        return await self.onnx_model.to_async.model_info()
 
 
 async def _docs_redirect(scope: dict, receive: Any, send: Any) -> None:

@@ -1,0 +1,258 @@
+"""Load test of the BentoML service against the same model in a plain in-process onnxruntime loop.
+
+    .venv/bin/python benchmarks/serve_load.py                 # starts its own `bentoml serve`
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:3000 --onnx models/classifier/model.onnx
+
+Without --url, the benchmark starts `bentoml serve` on a free 127.0.0.1 port with the model given by
+--onnx, else the registry champion, else a ResNet18 (random weights, 1 channel, 2 classes) at
+64 px exported with ctsynth.export: the size the issue's goal refers to. It then measures, in one
+run and on one machine:
+
+  * the service: throughput and p50 / p95 / p99 latency of `POST /predict` (a 64 px PNG slice,
+    multipart, keep-alive) at 1, 8 and 32 concurrent clients, each level for a fixed time;
+  * the same ONNX model in-process: onnxruntime `session.run` in a loop at batch 1 and batch 32;
+  * the ratio service@32 clients / in-process batch-32 throughput (goal >= 0.6) and the p99
+    latency at one client (goal < 20 ms).
+
+Clients are asyncio + aiohttp in this process and talk only to 127.0.0.1; counts and durations
+are bounded by the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_CLIENTS = 256
+MAX_SECONDS_PER_LEVEL = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resnet18_onnx(path: Path, resolution: int = 64) -> Path:
+    import torch
+    import torchvision
+
+    from ctsynth.export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=2)
+    model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return export_onnx(model.eval(), resolution, ["normal", "squamous"], path)
+
+
+def model_bytes(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
+    """The ONNX file to serve and to run in-process, and where it came from."""
+    if args.onnx:
+        return Path(args.onnx), f"file {args.onnx}"
+    if not args.resnet18:
+        try:
+            from ctsynth.registry import load_champion
+
+            champion = load_champion()
+            path = workdir / "champion.onnx"
+            path.write_bytes(champion.onnx_bytes)
+            return path, f"registry champion {champion.name} v{champion.version}"
+        except Exception as exc:  # no champion yet: fall back to the benchmark's own model
+            print(f"no registry champion ({exc.__class__.__name__}); exporting a ResNet18 at 64 px", file=sys.stderr)
+    return resnet18_onnx(workdir / "resnet18_64.onnx"), "ResNet18 (random weights) at 64 px, exported by ctsynth.export"
+
+
+def sample_png(resolution: int) -> bytes:
+    """A real CT slice (pydicom's CT_small.dcm) in the lung window, as a prepared-size PNG."""
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from ctsynth.data.preprocess import decode_image, square_resize
+
+    decoded = decode_image(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    buffer = io.BytesIO()
+    Image.fromarray(square_resize(decoded.pixels, resolution)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def in_process_throughput(onnx_path: Path, resolution: int, batch: int, seconds: float) -> float:
+    """Images per second of a plain onnxruntime loop (CPU provider, default threads)."""
+    from ctsynth.export import cpu_session
+
+    session = cpu_session(onnx_path)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, 1, resolution, resolution)).astype(np.float32)
+    for _ in range(3):
+        session.run(["logits"], {"image": x})
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(["logits"], {"image": x})
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+async def load_level(url: str, png: bytes, clients: int, seconds: float, warmup: float) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = time.perf_counter() + warmup + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            form = aiohttp.FormData()
+            form.add_field("image", png, filename="slice.png", content_type="image/png")
+            start = time.perf_counter()
+            async with session.post(f"{url}/predict", data=form) as response:
+                await response.read()
+                ok = response.status == 200
+            if measuring:
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        tasks = [asyncio.create_task(client(session)) for _ in range(clients)]
+        await asyncio.sleep(warmup)
+        measuring, measure_start = True, time.perf_counter()
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - measure_start
+    ms = np.array(latencies) * 1000.0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p95_ms": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+    }
+
+
+def batch_counts(url: str) -> tuple[int, int]:
+    """(batches, images) the model service has run so far, from POST /model."""
+    import requests
+
+    info = requests.post(f"{url}/model", json={}, timeout=30).json()
+    return int(info.get("batches", 0)), int(info.get("images", 0))
+
+
+def start_server(onnx_path: Path, log_path: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "CTSYNTH_ONNX_MODEL": str(onnx_path), "CTSYNTH_ORT_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
+    if threads:
+        env["CTSYNTH_ORT_THREADS"] = str(threads)
+    bentoml = Path(sys.executable).with_name("bentoml")
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [str(bentoml), "serve", "serving.service:CTSynthClassifier", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bentoml serve exited with {process.returncode}; see {log_path}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return process, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)
+    raise SystemExit(f"bentoml serve not ready after 180 s; see {log_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running service on 127.0.0.1 (default: start one)")
+    parser.add_argument("--onnx", help="ONNX model to serve / run in-process (default: champion, else ResNet18@64)")
+    parser.add_argument("--resnet18", action="store_true", help="use the ResNet18@64 benchmark model even if a champion exists")
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels (default 1,8,32)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads in the server")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    levels = [int(c) for c in args.clients.split(",")]
+    if any(c < 1 or c > MAX_CLIENTS for c in levels) or not 0 < args.seconds <= MAX_SECONDS_PER_LEVEL:
+        parser.error(f"clients must be 1..{MAX_CLIENTS} and seconds 0..{MAX_SECONDS_PER_LEVEL}")
+    if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
+        parser.error("--url must be on 127.0.0.1: this benchmark loads only the local machine")
+
+    from ctsynth.export import read_onnx_info
+
+    workdir = Path(tempfile.mkdtemp(prefix="ctsynth-serve-load-"))
+    onnx_path, source = model_bytes(args, workdir)
+    resolution = read_onnx_info(onnx_path).resolution
+    png = sample_png(resolution)
+    print(f"model: {source} ({resolution} px, {onnx_path.stat().st_size / 1e6:.1f} MB); CPU cores: {os.cpu_count()}")
+
+    process = None
+    url = args.url
+    if url is None:
+        process, url = start_server(onnx_path, workdir / "server.log", args.threads)
+        print(f"started bentoml serve at {url} (log {workdir / 'server.log'})")
+    try:
+        service = []
+        for clients in levels:
+            before = batch_counts(url)
+            result = asyncio.run(load_level(url, png, clients, args.seconds, args.warmup))
+            after = batch_counts(url)
+            batches = after[0] - before[0]
+            result["mean_batch"] = (after[1] - before[1]) / batches if batches else float("nan")
+            service.append(result)
+            print(
+                f"service  {clients:3d} clients: {result['throughput']:7.1f} img/s  p50 {result['p50_ms']:6.1f} ms  "
+                f"p95 {result['p95_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  mean batch {result['mean_batch']:4.1f}  "
+                f"({result['requests']} requests, {result['errors']} errors)"
+            )
+    finally:
+        if process is not None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+    # In-process after the server is gone, so the two do not compete for the cores.
+    in_process = {batch: in_process_throughput(onnx_path, resolution, batch, args.seconds) for batch in (1, 32)}
+    for batch, throughput in in_process.items():
+        print(f"in-process onnxruntime batch {batch:2d}: {throughput:7.1f} img/s")
+    top = max(service, key=lambda r: r["clients"])
+    one = min(service, key=lambda r: r["clients"])
+    ratio = top["throughput"] / in_process[32]
+    print(
+        f"ratio service@{top['clients']} clients / in-process batch 32: {ratio:.2f} (goal >= 0.60: {'met' if ratio >= 0.6 else 'NOT met'}); "
+        f"vs in-process batch 1: {top['throughput'] / in_process[1]:.2f}"
+    )
+    print(f"p99 latency at {one['clients']} client: {one['p99_ms']:.1f} ms (goal < 20 ms: {'met' if one['p99_ms'] < 20 else 'NOT met'})")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"model": source, "cpu_count": os.cpu_count(), "service": service, "in_process": in_process, "ratio_32": ratio}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
