@@ -91,7 +91,8 @@ def _prepare_file(source: Path, raw: Path, out: Path, split: str, label: str, da
     target = out / split / label / name
     # Plain PNG writer settings: same pixels -> same bytes.
     Image.fromarray(pixels, mode="L").save(target, format="PNG", compress_level=6)
-    intensity = pixels.astype(np.float64) / 255.0
+    # Intensity of the image content, before the black padding: a constant image keeps std 0.
+    intensity = decoded.pixels.astype(np.float64)
     return _row(split, source_rel, path=target.relative_to(out).as_posix(), label=label, label_id=label_id,
                 width=decoded.width, height=decoded.height, mode=decoded.mode, sha256=sha, phash=phash(pixels),
                 mean=float(intensity.mean()), std=float(intensity.std()))

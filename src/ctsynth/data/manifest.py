@@ -29,7 +29,7 @@ MANIFEST_COLUMNS = [
     "mode",
     "sha256",  # of the source file's bytes
     "phash",  # 16 hex digits
-    "mean",  # intensity of the prepared image, in [0, 1]
+    "mean",  # intensity of the decoded image in [0, 1], before padding (a constant image has std 0)
     "std",
 ]
 STATUS_OK = "ok"

@@ -195,14 +195,14 @@ def simulate_anatomy(rng: np.random.Generator, squamous: bool) -> np.ndarray:
             direction = rng.uniform(0, 2 * np.pi)
             vx = hx + distance * np.cos(direction) * cav_ax * 0.55
             vy = hy + distance * np.sin(direction) * cav_ay * 0.85
-            radius = (0.028 * (1.0 - distance) ** 1.5 + 0.006) * rng.uniform(0.6, 1.3)
+            radius = (0.018 * (1.0 - distance) ** 1.5 + 0.005) * rng.uniform(0.6, 1.3)
             length = radius * (rng.uniform(1.0, 4.0) if rng.random() < 0.4 else 1.0)
             vessel = _ellipse(x, y, vx, vy, length, radius, direction) & lungs
             hu[vessel] = HU_BLOOD + rng.uniform(-20, 20)
         # Prominent hilar vessels / lymph nodes: the benign look-alike of a central mass.
-        if rng.random() < 0.55:
-            for _ in range(rng.integers(1, 4)):
-                r = rng.uniform(0.025, 0.055)
+        if rng.random() < 0.35:
+            for _ in range(rng.integers(1, 3)):
+                r = rng.uniform(0.02, 0.045)
                 node = _ellipse(x, y, hx + rng.normal(0, 0.05), hy + rng.normal(0, 0.06), r, r * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi))
                 hu[node & (lungs | mediastinum)] = HU_SOFT + rng.uniform(-10, 20)
     # Granulomas: small nodules, a third of them calcified.
@@ -216,9 +216,9 @@ def simulate_anatomy(rng: np.random.Generator, squamous: bool) -> np.ndarray:
     if squamous:
         hx, hy = hila[int(rng.integers(2))]
         side = np.sign(hx) if hx != 0 else 1.0
-        radius = rng.uniform(0.035, 0.10)
+        radius = rng.uniform(0.07, 0.17)
         # Central: at the hilum, pushed partly into the lung (or hiding in the mediastinum).
-        cx = hx + side * rng.uniform(-0.04, 0.10)
+        cx = hx + side * rng.uniform(0.05, 0.16)
         cy = hy + rng.normal(0.0, 0.06)
         mass = _irregular_blob(x, y, cx, cy, radius, rng, lobulation=rng.uniform(0.1, 0.45), spiculation=rng.uniform(0.1, 0.6))
         mass &= lungs | mediastinum

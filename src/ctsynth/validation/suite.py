@@ -100,6 +100,7 @@ def build_checks(
 ) -> list[_Check]:
     """The frames and expectations of every check (GX objects, not yet run)."""
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
 
     splits = list(splits or data_params.splits)
     manifest = manifest.copy()
@@ -140,8 +141,7 @@ def build_checks(
                                "item": f"{split}/{label}: {count} images, bounds {bounds}"})
     frame = pd.DataFrame(count_rows, columns=["split", "label", "count", "item"])
     expectations = [
-        gxe.ExpectColumnValuesToBeBetween(column="count", min_value=low, max_value=high,
-                                          row_condition=f'split=="{split}"', condition_parser="pandas")
+        gxe.ExpectColumnValuesToBeBetween(column="count", min_value=low, max_value=high, row_condition=Column("split") == split)
         for split, (low, high) in validate_params.class_count_bounds.items()
         if split in splits
     ]
