@@ -427,10 +427,13 @@ class CTSynthClassifier:
         for attempt in range(CONNECTION_RETRIES + 1):
             try:
                 return await self.onnx_model.to_async.logits(batch)
-            except aiohttp.ClientConnectionError as exc:
-                if attempt == CONNECTION_RETRIES:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError) as exc:
+                # aiohttp reports a connection closed while reading the response as a bare
+                # RuntimeError("Connection closed."); any other RuntimeError is not ours to retry.
+                dropped = not isinstance(exc, RuntimeError) or "Connection closed" in str(exc)
+                if not dropped or attempt == CONNECTION_RETRIES:
                     raise
-                log.info("retrying logits after a dropped connection to the model service: %s", exc)
+                log.info("retrying logits after a dropped connection to the model service: %r", exc)
         raise AssertionError("unreachable")
 
     @bentoml.api(route=PREDICT_PATH)
