@@ -107,3 +107,22 @@ def test_unreadable_synthetic_image_is_reported_by_name(tmp_path, prepared):
     unreadable = result.metrics["n"]["synthetic_unreadable"]
     assert [entry["path"] for entry in unreadable] == ["normal/00004.png"]
     assert result.metrics["n"]["synthetic_read"] == 23
+
+
+@pytest.mark.slow
+def test_inception_fid_is_computed_when_a_local_weights_file_is_given(tmp_path, prepared):
+    # A randomly initialised state dict stands in for the real file: this checks the loading and
+    # feature path, not the value (the real weights are never downloaded).
+    import torch
+    from torchvision.models import inception_v3
+
+    weights = tmp_path / "inception_v3_google-test.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    # Inception at 299 px costs seconds per image on a shared CPU: 4 train images per class, 2 synthetic.
+    prepared = write_prepared(tmp_path / "prepared", per_class={"train": 4, "valid": 1})
+    synthetic = write_synthetic(tmp_path / "synthetic", prepared, per_class=2)
+    params = PARAMS.model_copy(update={"inception_weights": str(weights), "pr_k": 1, "pca_components": 2})
+    result = validate_synthetic(synthetic, prepared, tmp_path / "report", DATA, params, log_to_mlflow=False)
+    fid = result.metrics["quality"]["overall"]["fid_inception"]
+    assert isinstance(fid["synthetic"], float) and isinstance(fid["floor"], float)
+    assert "estimation noise" in fid["reason"]

@@ -64,6 +64,24 @@ def frechet_distance_from_stats(
 
 
 def frechet_distance(features1: np.ndarray, features2: np.ndarray, eps: float = 1e-6) -> float:
-    mu1, sigma1 = gaussian_stats(features1)
-    mu2, sigma2 = gaussian_stats(features2)
-    return frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps)
+    """Fréchet distance of the Gaussians fitted to two samples.
+
+    With fewer samples than dimensions (150 images, 2048 Inception features) a d x d sqrtm is
+    both slow (minutes on a shared CPU) and ill-conditioned. It is also unnecessary: with
+    S_1 = A'A / (n_1 - 1) and S_2 = B'B / (n_2 - 1) for the centred samples A and B,
+    Tr((S_1 S_2)^(1/2)) is the nuclear norm of A B' / sqrt((n_1 - 1)(n_2 - 1)), an n_1 x n_2
+    matrix, exactly (S_1 S_2 and A B'B A' share their non-zero eigenvalues).
+    """
+    a = np.asarray(features1, dtype=np.float64)
+    b = np.asarray(features2, dtype=np.float64)
+    mu1, sigma1 = gaussian_stats(a)
+    mu2, sigma2 = gaussian_stats(b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    if len(a) * len(b) >= a.shape[1] ** 2:
+        return frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps)
+    centred_a, centred_b = a - mu1, b - mu2
+    cross = centred_a @ centred_b.T / np.sqrt((len(a) - 1) * (len(b) - 1))
+    trace_covmean = np.linalg.svd(cross, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
