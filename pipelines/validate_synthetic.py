@@ -26,6 +26,7 @@ def main() -> int:
         root / params.synthetic.report,
         params.data,
         params.synthetic,
+        validate_params=params.validation,
     )
     return 0 if result.success else 1
 

@@ -11,7 +11,7 @@ import pytest
 from _synthetic_data import write_prepared, write_synthetic
 
 from ctsynth.cli import main as cli_main
-from ctsynth.config import DataParams, SyntheticParams
+from ctsynth.config import DataParams, SyntheticParams, ValidateParams
 from ctsynth.metrics.synthetic import validate_synthetic
 
 DATA = DataParams(resolution=32)
@@ -25,7 +25,7 @@ def prepared(tmp_path_factory):
 
 def _run(tmp_path, prepared, **synthetic_kwargs):
     synthetic = write_synthetic(tmp_path / "synthetic", prepared, **synthetic_kwargs)
-    return validate_synthetic(synthetic, prepared, tmp_path / "report", DATA, PARAMS, log_to_mlflow=False)
+    return validate_synthetic(synthetic, prepared, tmp_path / "report", DATA, PARAMS, ValidateParams(), log_to_mlflow=False)
 
 
 def test_stage_writes_metrics_with_floors_and_passes_fresh_images(tmp_path, prepared):
@@ -45,12 +45,18 @@ def test_stage_writes_metrics_with_floors_and_passes_fresh_images(tmp_path, prep
     assert memo["synthetic"]["exact_copies"] == 0 and memo["floor"]["exact_copies"] == 0
     assert set(memo["floor"]["fraction_below"]) == {"p1", "p5"}
     assert written["checks"]["memorisation"]["success"] and written["checks"]["exact_copies"]["success"]
+    # The validate stage's GX suite ran on the synthetic manifest.
+    for name in ("readable", "labels", "size", "mode", "class_counts", "leakage_exact", "leakage_near", "blank"):
+        assert written["checks"][name]["success"], (name, written["checks"][name])
 
 
 def test_copies_of_training_images_fail_the_stage_and_are_named(tmp_path, prepared):
     result = _run(tmp_path, prepared, copies=3)
     assert not result.success
-    assert {"exact_copies", "memorisation"} <= set(result.failures)
+    assert {"exact_copies", "memorisation", "leakage_exact"} <= set(result.failures)
+    # The GX suite names the copied bytes with their training twin.
+    offending = " ".join(result.metrics["checks"]["leakage_exact"]["offending"])
+    assert "normal/00000.png" in offending and "normal_000.png" in offending
     memo = result.metrics["memorisation"]["overall"]["synthetic"]
     assert memo["exact_copies"] == 6  # 3 per class
     # All copies are named even though the figure shows only nearest_neighbour_rows = 4 pairs.

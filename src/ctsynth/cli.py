@@ -45,7 +45,7 @@ def _validate_synthetic(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     result = validate_synthetic(
         Path(args.synthetic), Path(args.prepared), Path(args.report), params.data, params.synthetic,
-        log_to_mlflow=not args.no_mlflow,
+        validate_params=params.validation, log_to_mlflow=not args.no_mlflow,
     )
     return 0 if result.success else 1
 

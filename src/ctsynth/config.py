@@ -186,9 +186,13 @@ class SyntheticParams(Section):
     # KID check: fails (when listed in fail_on) if synthetic KID > kid_max_ratio x the real floor.
     kid_max_ratio: float = Field(10.0, gt=0.0)
     nearest_neighbour_rows: int = Field(8, ge=1, le=64)
+    # The suite's class_counts check on the synthetic set: at least this many images per class.
+    min_per_class: int = Field(1, ge=0)
     # These checks fail the stage; the rest only warn. Names are the validate suite's checks
     # (applied to the synthetic manifest) plus exact_copies, memorisation and kid.
-    fail_on: list[str] = ["readable", "labels", "size", "blank", "exact_copies", "memorisation"]
+    fail_on: list[str] = [
+        "readable", "labels", "size", "mode", "class_counts", "blank", "leakage_exact", "exact_copies", "memorisation",
+    ]
 
 
 class GanParams(Section):

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ctsynth.config import DataParams, SyntheticParams
-from ctsynth.data.manifest import STATUS_OK, read_manifest
-from ctsynth.data.preprocess import ImageDecodeError, preprocess_bytes
+from ctsynth.config import DataParams, SyntheticParams, ValidateParams
+from ctsynth.data.manifest import MANIFEST_COLUMNS, STATUS_OK, STATUS_UNREADABLE, phash, read_manifest, sha256_bytes
+from ctsynth.data.preprocess import ImageDecodeError, decode_image, preprocess_bytes, square_resize
 from ctsynth.metrics.features import InceptionFeatures, PixelPCAFeatures, find_inception_weights
 from ctsynth.metrics.frechet import frechet_distance
 from ctsynth.metrics.kid import kernel_inception_distance
@@ -41,6 +41,7 @@ SYNTHETIC_MANIFEST = "manifest.csv"
 SYNTHETIC_REQUIRED_COLUMNS = ("path", "label", "label_id", "seed")
 METRICS_FILE = "metrics.json"
 FIGURE_FILE = "nearest_neighbours.png"
+SYNTHETIC_SPLIT = "synthetic"
 
 
 @dataclass
@@ -261,6 +262,59 @@ def nearest_neighbour_figure(synthetic: ImageSet, train: ImageSet, result, rows:
     return path
 
 
+def synthetic_manifest_rows(frame: pd.DataFrame, folder: Path, resolution: int) -> pd.DataFrame:
+    """The synthetic manifest in the prepare manifest's columns (split "synthetic"), so the validate
+    stage's suite runs on it unchanged: decoded size and mode, bytes hash, pHash and std of the
+    image as preprocessed to the data resolution (the same as the real train rows)."""
+    rows = []
+    for record in frame.to_dict("records"):
+        rel = str(record["path"])
+        row = {column: "" for column in MANIFEST_COLUMNS}
+        row.update({"path": rel, "split": SYNTHETIC_SPLIT, "label": str(record["label"]), "label_id": record["label_id"],
+                    "source_path": rel, "status": STATUS_OK})
+        try:
+            data = (Path(folder) / rel).read_bytes()
+            decoded = decode_image(data)
+        except (OSError, ImageDecodeError) as exc:
+            row.update({"status": STATUS_UNREADABLE, "error": f"{exc.__class__.__name__}: {exc}"})
+            rows.append(row)
+            continue
+        pixels = square_resize(decoded.pixels, resolution)
+        row.update({"width": decoded.width, "height": decoded.height, "mode": decoded.mode, "sha256": sha256_bytes(data),
+                    "phash": phash(pixels), "mean": float(pixels.mean() / 255.0), "std": float(pixels.std() / 255.0)})
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    for column in ("width", "height", "mean", "std", "label_id"):
+        out[column] = pd.to_numeric(out[column], errors="coerce")
+    return out
+
+
+def suite_checks(
+    synthetic_manifest: pd.DataFrame,
+    synthetic_dir: Path,
+    train_manifest: pd.DataFrame,
+    prepared_dir: Path,
+    data_params: DataParams,
+    validate_params: ValidateParams,
+    params: SyntheticParams,
+) -> dict[str, dict[str, Any]]:
+    """The validate stage's Great Expectations checks on the synthetic manifest, with the real train
+    split as the reference: leakage_exact / leakage_near then mean "a synthetic image is a (near)
+    copy of a training image", duplicates_within_split means "the generator repeats itself"."""
+    from ctsynth.validation.suite import run_checks
+
+    rows = synthetic_manifest_rows(synthetic_manifest, synthetic_dir, data_params.resolution)
+    suite_params = validate_params.model_copy(
+        update={"class_count_bounds": {SYNTHETIC_SPLIT: [params.min_per_class, 10**9]}, "fail_on": list(params.fail_on)}
+    )
+    results, _ = run_checks(rows, data_params, suite_params, image_root=synthetic_dir, reference=train_manifest,
+                            reference_root=prepared_dir, splits=[SYNTHETIC_SPLIT])
+    return {
+        result.name: {"success": result.success, "detail": result.description, "offending": result.offending, "source": "validate suite (GX)"}
+        for result in results
+    }
+
+
 def quality_checks(metrics: dict[str, Any], params: SyntheticParams) -> dict[str, dict[str, Any]]:
     """The stage's own pass/fail checks on the numbers (the manifest checks come from the suite)."""
     synthetic_memo = metrics["memorisation"]["overall"]["synthetic"]
@@ -320,13 +374,13 @@ def validate_synthetic(
     report_dir: Path,
     data_params: DataParams,
     params: SyntheticParams,
-    manifest_checks=None,
+    validate_params: ValidateParams | None = None,
     log_to_mlflow: bool = True,
 ) -> SyntheticValidationResult:
     """Run the manifest checks and the quality metrics; write metrics.json + the figure; log to MLflow.
 
-    `manifest_checks(frame) -> {check: {"success": bool, ...}}` runs the validate stage's suite on
-    the synthetic manifest (see pipelines/validate_synthetic.py); None skips it.
+    `validate_params` (the validate stage's section) runs its Great Expectations suite on the
+    synthetic manifest; None skips the suite and keeps only the metric checks.
     """
     synthetic_dir, prepared_dir, report_dir = Path(synthetic_dir), Path(prepared_dir), Path(report_dir)
     classes = list(data_params.classes)
@@ -351,8 +405,8 @@ def validate_synthetic(
         raise ValueError(f"{synthetic_dir}: none of the {len(synthetic_manifest)} synthetic images could be read")
 
     checks: dict[str, dict[str, Any]] = {}
-    if manifest_checks is not None:
-        checks.update(manifest_checks(synthetic_manifest))
+    if validate_params is not None:
+        checks.update(suite_checks(synthetic_manifest, synthetic_dir, train_rows, prepared_dir, data_params, validate_params, params))
 
     memo, overall_memo = memorisation_metrics(train, synthetic, valid, classes, params)
     metrics: dict[str, Any] = {
