@@ -61,6 +61,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Requests up to this much over the image itself are multipart framing, not image bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 CONNECTION_RETRIES = 2
+BUNDLED_MODEL = "models/classifier/model.onnx"  # what serving/bentofile.yaml packs into a bento
 
 
 def _env_int(name: str, default: int) -> int:
@@ -74,6 +75,17 @@ def _env_int(name: str, default: int) -> int:
     if value <= 0:
         raise SystemExit(f"ctsynth serving: {name}={raw!r} must be positive")
     return value
+
+
+def _bundled_model() -> str | None:
+    """Inside a bento built from serving/bentofile.yaml (<bento>/src/serving/service.py next to
+    <bento>/bento.yaml), the ONNX file it carries. `bentoml serve <bento>` does not export the
+    bentofile's `envs` to the serving process, so this is how a local bento finds its model."""
+    here = Path(__file__).resolve()
+    bundled = here.parents[1] / BUNDLED_MODEL
+    if (here.parents[2] / "bento.yaml").is_file() and bundled.is_file():
+        return str(bundled)
+    return None
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class ServingSettings:
             raise SystemExit(f"ctsynth serving: CTSYNTH_ORT_DEVICE={device!r}; use auto, cpu or cuda")
         threads = os.environ.get("CTSYNTH_ORT_THREADS", "").strip()
         return cls(
-            onnx_model=os.environ.get("CTSYNTH_ONNX_MODEL") or None,
+            onnx_model=os.environ.get("CTSYNTH_ONNX_MODEL") or _bundled_model(),
             max_upload_bytes=_env_int("CTSYNTH_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
             max_pixels=_env_int("CTSYNTH_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             ort_device=device,
