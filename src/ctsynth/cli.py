@@ -136,6 +136,25 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in a for a in answers) else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ctsynth.config import load_params
+    from ctsynth.paths import repo_root
+    from ctsynth.report import write_report
+
+    root = repo_root()
+    write_report(load_params(args.params), root, root / args.out)
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from ctsynth.config import load_params
+    from ctsynth.paths import repo_root
+    from ctsynth.report import study_summary_text
+
+    print(study_summary_text(load_params(args.params), repo_root()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctsynth",
@@ -212,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="PNG, JPEG or DICOM files")
     p.add_argument("--onnx", default=None, help="an exported ONNX file instead of ctsynth-classifier@champion")
     p.set_defaults(handler=_predict)
+
+    p = commands.add_parser("report", help="write the self-contained HTML study report (reports/summary.html)")
+    p.add_argument("--out", default="reports/summary.html", help="HTML file to write (relative to the repository root)")
+    p.set_defaults(handler=_report)
+
+    p = commands.add_parser("summary", help="print the sweep table with CIs, the champion and where to look next")
+    p.set_defaults(handler=_summary)
 
     return parser
 

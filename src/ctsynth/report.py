@@ -1,0 +1,428 @@
+"""The study's report: one self-contained HTML page (reports/summary.html) a person can open.
+
+It collects what the stages wrote — data validation, GAN curves and image grids, synthetic-data
+quality and memorisation, the ratio sweep's statistics and plot — and adds the champion's
+confusion matrix and ROC curve on the real test split, computed here by running the exported ONNX
+model (the file that is served) over the prepared test images through the one preprocessing path.
+Every image is embedded as base64, so the page needs no other file and no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ctsynth.config import Params
+
+log = logging.getLogger(__name__)
+
+GAN_FIGURES = (
+    ("real_vs_synthetic.png", "Real (left) vs. synthetic (right) images per class"),
+    ("losses.png", "GAN losses per kimg"),
+    ("ada_p.png", "ADA augmentation probability p"),
+)
+SYNTHETIC_METRICS = ("kid", "kid_std", "frechet", "precision", "recall", "density", "coverage")
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Where the stages' outputs are (all relative to the repository root)."""
+
+    validation_summary: Path
+    gan_report: Path
+    synthetic_metrics: Path
+    nearest_neighbours: Path
+    sweep_summary: Path
+    sweep_table: Path
+    ratio_plot: Path
+    onnx_model: Path
+    prepared: Path
+
+    @classmethod
+    def from_params(cls, params: Params, root: Path) -> "ReportInputs":
+        def under(path: str) -> Path:
+            return Path(path) if Path(path).is_absolute() else root / path
+
+        synthetic_report = under(params.synthetic.report)
+        return cls(
+            validation_summary=under(params.validation.report) / "summary.json",
+            gan_report=under(params.gan.report),
+            synthetic_metrics=synthetic_report / "metrics.json",
+            nearest_neighbours=synthetic_report / "nearest_neighbours.png",
+            sweep_summary=under(params.select.summary),
+            sweep_table=under(params.select.report),
+            ratio_plot=under(params.select.plot),
+            onnx_model=under(params.select.onnx),
+            prepared=under(params.data.prepared),
+        )
+
+    def required(self) -> list[Path]:
+        gan = [self.gan_report / name for name, _ in GAN_FIGURES]
+        return [self.validation_summary, *gan, self.synthetic_metrics, self.nearest_neighbours,
+                self.sweep_summary, self.sweep_table, self.ratio_plot, self.onnx_model, self.prepared / "manifest.csv"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Champion on the test split
+
+
+@dataclass(frozen=True)
+class ChampionEvaluation:
+    classes: list[str]
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    metrics: dict
+
+    @property
+    def cancer_score(self) -> np.ndarray:
+        from ctsynth.classifier.evaluate import positive_class_ids
+
+        return self.probabilities[:, positive_class_ids(self.classes)].sum(axis=1)
+
+
+def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes: list[str], batch: int = 64) -> ChampionEvaluation:
+    """Run the exported model over one prepared split (preprocess_bytes inside ImageDataset)."""
+    from ctsynth.classifier.evaluate import classification_metrics
+    from ctsynth.data.mixing import ImageDataset, real_split
+    from ctsynth.export import cpu_session, read_onnx_info
+
+    info = read_onnx_info(onnx_model)
+    if list(info.classes) != list(classes):
+        raise ValueError(f"{onnx_model} was exported for classes {info.classes}, params.yaml data.classes is {classes}")
+    items = real_split(prepared, split, classes)
+    inputs = ImageDataset(items, info.resolution).inputs.numpy()
+    labels = np.array([classes.index(item.label) for item in items], dtype=np.int64)
+    session = cpu_session(onnx_model)
+    logits = np.concatenate([session.run(["logits"], {"image": inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)])
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    return ChampionEvaluation(list(classes), labels, probabilities, classification_metrics(labels, probabilities, list(classes)))
+
+
+def roc_points(is_positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct threshold, from (0,0) to (1,1)."""
+    order = np.argsort(-score, kind="stable")
+    score, is_positive = score[order], is_positive[order]
+    distinct = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # last index of each score value
+    tp = np.cumsum(is_positive)[distinct]
+    fp = np.cumsum(~is_positive)[distinct]
+    n_pos, n_neg = max(int(is_positive.sum()), 1), max(int((~is_positive).sum()), 1)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+def _figure_png(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def roc_figure(evaluation: ChampionEvaluation, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ctsynth.classifier.evaluate import positive_class_ids
+
+    is_positive = np.isin(evaluation.y_true, positive_class_ids(evaluation.classes))
+    fpr, tpr = roc_points(is_positive, evaluation.cancer_score)
+    figure, axes = plt.subplots(figsize=(4.2, 4.0))
+    axes.plot(fpr, tpr, drawstyle="steps-post", color="C0", label=f"AUC {evaluation.metrics['roc_auc']:.3f}")
+    axes.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    axes.set_xlabel("1 - specificity (normal called cancer)")
+    axes.set_ylabel("sensitivity (cancer found)")
+    axes.set_title(title, fontsize=10)
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return _figure_png(figure)
+
+
+def confusion_figure(evaluation: ChampionEvaluation, title: str) -> bytes:
+    from ctsynth.classifier.evaluate import plot_confusion_matrix
+
+    return _figure_png(plot_confusion_matrix(evaluation.metrics["confusion_matrix"], evaluation.classes, title))
+
+
+# ------------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _img(png: bytes, alt: str, width: str = "100%") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_e(alt)}" style="max-width:{width}" src="data:image/png;base64,{data}">'
+
+
+def _figure(png: bytes, caption: str, width: str = "100%") -> str:
+    return f"<figure>{_img(png, caption, width)}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)
+    return f"{float(value):.{digits}f}"
+
+
+def _interval(stat: dict | None, digits: int = 3) -> str:
+    """'mean [low, high]' from a stats.mean_ci / paired_difference dict."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    text = _number(stat["mean"], digits)
+    if stat.get("low") is not None and stat.get("high") is not None:
+        text += f" [{_number(stat['low'], digits)}, {_number(stat['high'], digits)}]"
+    if stat.get("p_value") is not None:
+        text += f" (p {_number(stat['p_value'], 3)})"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]], css: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _badge(success: bool) -> str:
+    return '<span class="ok">passed</span>' if success else '<span class="bad">FAILED</span>'
+
+
+def validation_section(summary: dict) -> str:
+    counts = summary.get("counts", {})
+    classes = sorted({label for per_class in counts.values() for label in per_class})
+    count_rows = [[_e(split), *[_e(per_class.get(c, 0)) for c in classes]] for split, per_class in counts.items()]
+    check_rows = []
+    for name, check in summary.get("checks", {}).items():
+        offending = check.get("offending") or []
+        shown = ", ".join(_e(o) for o in offending[:5]) + (" …" if len(offending) > 5 else "")
+        check_rows.append([_e(name), _badge(bool(check.get("success"))), _e(check.get("severity", "")),
+                           _e(check.get("n_offending", len(offending))), _e(check.get("description", "")), shown])
+    return (
+        f"<p>Great Expectations suite on the raw and prepared data: {_badge(bool(summary.get('success')))} "
+        f"({_e(summary.get('n_failed_checks', 0))} failed, {_e(summary.get('n_warnings', 0))} warnings).</p>"
+        + _table(["split", *classes], count_rows)
+        + _table(["check", "result", "severity", "offending", "what it checks", "examples"], check_rows)
+    )
+
+
+def synthetic_section(metrics: dict, nearest_png: bytes) -> str:
+    quality = metrics.get("quality", {})
+    groups = {"overall": quality.get("overall", {}), **{f"class {k}": v for k, v in quality.get("per_class", {}).items()}}
+    rows = []
+    for group, entry in groups.items():
+        synthetic, floor = entry.get("synthetic", {}), entry.get("floor", {})
+        for name in SYNTHETIC_METRICS:
+            if name in synthetic or name in floor:
+                rows.append([_e(group), _e(name), _number(synthetic.get(name), 4), _number(floor.get(name), 4)])
+    memo_rows = []
+    memorisation = metrics.get("memorisation", {})
+    memo_groups = {"overall": memorisation.get("overall", {}), **{f"class {k}": v for k, v in memorisation.get("per_class", {}).items()}}
+    for group, entry in memo_groups.items():
+        for which in ("synthetic", "floor"):
+            values = entry.get(which) or {}
+            fractions = values.get("fraction_below", {})
+            memo_rows.append([_e(group), _e("synthetic vs train" if which == "synthetic" else "floor: valid vs train"),
+                              _e(values.get("exact_copies", "n/a")),
+                              *[_number(fractions.get(p), 3) for p in ("p1", "p5")]])
+    checks = metrics.get("checks", {})
+    check_rows = [[_e(name), _badge(bool(c.get("success"))), _e(c.get("detail", c.get("description", "")))] for name, c in checks.items()]
+    success = metrics.get("success")
+    return (
+        (f"<p>Synthetic-data checks: {_badge(bool(success))}.</p>" if success is not None else "")
+        + "<h3>Quality (synthetic vs. its real-vs-real floor at the same n)</h3>"
+        + _table(["group", "metric", "synthetic", "floor"], rows)
+        + "<h3>Memorisation (fraction of images closer to a training image than the p1 / p5 train-to-train distance)</h3>"
+        + _table(["group", "compared", "exact copies", "fraction < p1", "fraction < p5"], memo_rows)
+        + (_table(["check", "result", "detail"], check_rows) if check_rows else "")
+        + _figure(nearest_png, "Synthetic images nearest to a training image (with the training image and the difference)")
+    )
+
+
+def sweep_section(summary: dict, plot_png: bytes) -> str:
+    baseline = summary.get("baseline_ratio", 0.0)
+    confidence = summary.get("confidence", 0.95)
+    ratio_rows, diff_rows = [], []
+    for ratio, entry in summary.get("ratios", {}).items():
+        ratio_rows.append([_e(ratio), _e(entry.get("n_seeds", "")), *[_interval(entry.get(f"test_{m}")) for m in TABLE_METRICS]])
+        if any(f"test_{m}_minus_baseline" in entry for m in TABLE_METRICS):
+            diff_rows.append([_e(ratio), *[_interval(entry.get(f"test_{m}_minus_baseline")) for m in TABLE_METRICS]])
+    header = [m.replace("_", " ") for m in TABLE_METRICS]
+    return (
+        f"<p>{_e(summary.get('n_runs', ''))} classifier runs. Real test split; mean [{confidence:.0%} confidence interval] over seeds.</p>"
+        + _figure(plot_png, "Test metrics vs. synthetic ratio: every seed as a dot, mean ± CI as error bars")
+        + _table(["synthetic ratio", "seeds", *header], ratio_rows, "numbers")
+        + f"<h3>Paired differences against ratio {_e(f'{baseline:g}')} (same seeds; mean [CI] (paired t-test p))</h3>"
+        + (_table(["synthetic ratio", *header], diff_rows, "numbers") if diff_rows else "<p>Only the baseline ratio was run.</p>")
+    )
+
+
+def champion_section(summary: dict, evaluation: ChampionEvaluation, onnx_model: Path) -> str:
+    champion = summary.get("champion", {})
+    registered = champion.get("registered") or {}
+    parity = champion.get("onnx", {})
+    facts = [
+        ["chosen by", _e(champion.get("chosen_by", ""))],
+        ["synthetic ratio", _e(champion.get("ratio", ""))],
+        ["seed", _e(champion.get("seed", ""))],
+        ["MLflow run", _e(champion.get("run_id", ""))],
+        ["registered model", _e(f"{registered.get('name')} version {registered.get('version')} @{registered.get('alias')}") if registered else "not registered"],
+        ["ONNX file", _e(onnx_model.name)],
+        ["ONNX vs PyTorch max |Δ logit|", _number(parity.get("parity_max_abs_logit_diff"), 7)],
+    ]
+    metric_rows = [[_e(m.replace("_", " ")), _number(evaluation.metrics.get(m))] for m in TABLE_METRICS]
+    title = f"champion (ratio {champion.get('ratio', '?')}, seed {champion.get('seed', '?')}), test n={evaluation.metrics['n']}"
+    return (
+        _table(["", ""], facts)
+        + "<p>Computed here by running the exported ONNX model over the prepared test split:</p>"
+        + _table(["test metric", "value"], metric_rows, "numbers")
+        + '<div class="row">'
+        + _figure(confusion_figure(evaluation, title), "Confusion matrix (rows: true class)", "420px")
+        + _figure(roc_figure(evaluation, title), "ROC curve, cancer vs. normal", "420px")
+        + "</div>"
+    )
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { border-bottom: 2px solid #345; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #eef2f6; } table.numbers td { font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
+.row { display: flex; flex-wrap: wrap; gap: 2em; }
+.ok { color: #176d2c; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
+.meta { color: #666; font-size: 0.85em; }
+"""
+
+
+def render_report(params: Params, root: Path, inputs: ReportInputs | None = None, evaluation: ChampionEvaluation | None = None) -> str:
+    """The whole HTML page as a string. Raises FileNotFoundError naming every missing input."""
+    from ctsynth.paths import git_commit
+
+    inputs = inputs or ReportInputs.from_params(params, root)
+    missing = [str(p) for p in inputs.required() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the report needs these stage outputs, missing: {missing} (run `dvc repro` first)")
+    validation = json.loads(inputs.validation_summary.read_text())
+    synthetic = json.loads(inputs.synthetic_metrics.read_text())
+    sweep = json.loads(inputs.sweep_summary.read_text())
+    evaluation = evaluation or evaluate_onnx_on_split(inputs.onnx_model, inputs.prepared, "test", params.data.classes)
+    gan = "".join(_figure((inputs.gan_report / name).read_bytes(), caption) for name, caption in GAN_FIGURES)
+    sections = [
+        ("Data validation", validation_section(validation)),
+        ("GAN training", f"<p>Preset <code>{_e(params.gan.preset)}</code>, {_e(params.gan.kimg)} kimg, "
+                         f"{'one model per class' if params.gan.per_class else 'one class-conditional model'}.</p>" + gan),
+        ("Synthetic-data quality and memorisation", synthetic_section(synthetic, inputs.nearest_neighbours.read_bytes())),
+        ("Synthetic ratio sweep", sweep_section(sweep, inputs.ratio_plot.read_bytes())),
+        ("Champion classifier", champion_section(sweep, evaluation, inputs.onnx_model)),
+    ]
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = "".join(f'<h2 id="s{i}">{_e(title)}</h2>{content}' for i, (title, content) in enumerate(sections))
+    contents = "".join(f'<li><a href="#s{i}">{_e(title)}</a></li>' for i, (title, _) in enumerate(sections))
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>ctsynth study report</title>"
+        f"<style>{STYLE}</style></head><body>"
+        "<h1>ctsynth: does StyleGAN2-ADA synthetic data help the classifier?</h1>"
+        f'<p class="meta">Classes {_e(", ".join(params.data.classes))} at {_e(params.data.resolution)} px; '
+        f"git commit {_e(git_commit(root)[:12])}; written {created}.</p>"
+        f"<ol>{contents}</ol>{body}</body></html>\n"
+    )
+
+
+def write_report(params: Params, root: Path, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_report(params, root), encoding="utf-8")
+    log.info("report written to %s (%.1f kB)", out, out.stat().st_size / 1024)
+    return out
+
+
+def sweep_parent_run_id(sweep_table: Path, champion_run_id: str | None) -> str | None:
+    """The sweep's MLflow parent run: the champion row's parent_run_id in reports/sweep.csv."""
+    import pandas as pd
+
+    table = pd.read_csv(sweep_table, dtype={"run_id": str, "parent_run_id": str})
+    rows = table[table["run_id"] == champion_run_id] if champion_run_id else table
+    parents = rows["parent_run_id"].dropna()
+    return str(parents.iloc[0]) if len(parents) else None
+
+
+def log_report_to_parent_run(report: Path, sweep_summary: Path, sweep_table: Path, root: Path) -> str | None:
+    """Attach the HTML to the sweep's parent run (artifact path report/); returns the run id."""
+    from mlflow import MlflowClient
+
+    from ctsynth import tracking
+
+    champion = json.loads(sweep_summary.read_text()).get("champion", {})
+    parent = sweep_parent_run_id(sweep_table, champion.get("run_id"))
+    if not parent:
+        log.warning("no sweep parent run in %s: the report is not logged to MLflow", sweep_table)
+        return None
+    tracking.configure(root)
+    MlflowClient().log_artifact(parent, str(report), artifact_path="report")
+    log.info("report logged to MLflow run %s (artifact report/%s)", parent, report.name)
+    return parent
+
+
+# ------------------------------------------------------------------------------------------------
+# The terminal summary `make demo` ends with (`ctsynth summary`)
+
+
+def study_summary_text(params: Params, root: Path, report: Path | None = None) -> str:
+    """The ratio table with CIs, the champion, and the commands to look further (plain text)."""
+    from ctsynth import tracking
+
+    inputs = ReportInputs.from_params(params, root)
+    if not inputs.sweep_summary.exists():
+        raise FileNotFoundError(f"{inputs.sweep_summary} does not exist: run `dvc repro` (or `make demo`) first")
+    summary = json.loads(inputs.sweep_summary.read_text())
+    confidence = summary.get("confidence", 0.95)
+    metrics = ("accuracy", "balanced_accuracy", "roc_auc")
+    header = ["ratio", "seeds", *[f"test {m.replace('_', ' ')}" for m in metrics]]
+    rows = [[ratio, str(entry.get("n_seeds", "")), *[_interval(entry.get(f"test_{m}")) for m in metrics]]
+            for ratio, entry in summary.get("ratios", {}).items()]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    table = "\n".join("  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
+
+    lines = [f"Synthetic-ratio sweep ({summary.get('n_runs', '?')} runs): mean [{confidence:.0%} CI] on the real test split", table]
+    baseline = summary.get("baseline_ratio", 0.0)
+    diffs = [(ratio, entry.get(f"test_{params.select.metric}_minus_baseline")) for ratio, entry in summary.get("ratios", {}).items()]
+    diffs = [(r, d) for r, d in diffs if d]
+    if diffs:
+        lines.append(f"Paired difference in test {params.select.metric.replace('_', ' ')} against ratio {baseline:g}:")
+        lines += [f"  ratio {r}: {_interval(d)}" for r, d in diffs]
+    champion = summary.get("champion", {})
+    registered = champion.get("registered") or {}
+    where = (f"{registered.get('name')}@{registered.get('alias')} (version {registered.get('version')})" if registered
+             else f"{params.select.onnx} (not registered)")
+    test = champion.get("test", {})
+    lines += [
+        f"Champion: ratio {champion.get('ratio')}, seed {champion.get('seed')}, chosen by {champion.get('chosen_by', '?')}",
+        f"  test accuracy {_number(test.get('accuracy'))}, balanced accuracy {_number(test.get('balanced_accuracy'))}, "
+        f"ROC AUC {_number(test.get('roc_auc'))}",
+        f"  registered as {where}; ONNX file {params.select.onnx}",
+    ]
+    report = report or root / "reports" / "summary.html"
+    lines.append(f"Report: {report}" + ("" if report.exists() else "  (missing: run `dvc repro report`)"))
+    lines.append(f"MLflow UI: make ui   (mlflow ui --backend-store-uri {tracking.tracking_uri(root)}, then http://127.0.0.1:5000)")
+    lines.append("Service: make serve   (then: curl -F image=@data/prepared/test/normal/<file>.png http://127.0.0.1:3000/predict)")
+    return "\n".join(lines)
