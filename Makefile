@@ -27,6 +27,7 @@ data: data/raw
 
 demo: install data
 	$(BIN)/dvc repro
+	$(BIN)/ctsynth summary
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -42,3 +43,18 @@ PORT ?= 3000
 .PHONY: serve
 serve: | $(STAMP)
 	$(BIN)/bentoml serve serving.service:CTSynthClassifier --host $(SERVE_HOST) --port $(PORT)
+
+# MLflow UI on the local SQLite store (the one every stage writes when MLFLOW_TRACKING_URI is unset).
+MLFLOW_PORT ?= 5000
+.PHONY: ui mlflow-server
+ui: | $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# One tracking server for several writers (`dvc queue start -j 2`, several sweep workers): SQLite takes
+# one writer at a time, so every process talks HTTP to this server and only it touches the database.
+# Use it with: export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-server: | $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlartifacts --serve-artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
