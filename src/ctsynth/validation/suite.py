@@ -185,7 +185,7 @@ def build_checks(
     ]))
 
     frame = decoded.assign(item=decoded["source_path"] + " — std " + decoded["std"].map(lambda v: f"{v:.4f}"))
-    checks.append(_Check("blank", f"no blank or constant image (prepared std > {validate_params.blank_max_std})", frame,
+    checks.append(_Check("blank", f"no blank or constant image (image std > {validate_params.blank_max_std})", frame,
                          [gxe.ExpectColumnValuesToBeBetween(column="std", min_value=validate_params.blank_max_std, strict_min=True)]))
     return checks
 
@@ -319,8 +319,9 @@ def write_report(result: ValidationResult, details: dict, counts: dict, report: 
         "n_warnings": sum(not c.success and not c.blocking for c in result.checks),
         "counts": counts,
         "checks": {
+            # Descriptions live in results.json: string fields would crowd `dvc metrics show`.
             c.name: {"success": c.success, "severity": c.severity, "n_rows": c.n_rows, "n_offending": len(c.offending),
-                     "description": c.description, "offending": c.offending}
+                     "offending": c.offending}
             for c in result.checks
         },
     }
