@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,10 +71,17 @@ def test_register_twice_moves_the_alias_and_load_returns_the_new_model(store):
     assert version.tags["ratio"] == "0.5" and json.loads(version.tags["classes"])[2] == "adenocarcinoma"
     run = client.get_run(version.run_id)
     assert run.data.metrics["champion.accuracy"] == pytest.approx(0.9)
-    assert run.data.params["champion.model.backbone"] == "tiny"
-    artifacts = {a.path for a in client.list_artifacts(version.run_id, "champion")}
-    assert {"champion/metrics.json", "champion/pytorch"} <= artifacts
-    assert [a.path for a in client.list_artifacts(version.run_id, "champion/pytorch")] == ["champion/pytorch/b.pt"]
+    prefix = f"champion/v{version_b}"
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, prefix)}
+    assert {f"{prefix}/metrics.json", f"{prefix}/params.json", f"{prefix}/pytorch"} <= artifacts
+    assert [a.path for a in client.list_artifacts(version.run_id, f"{prefix}/pytorch")] == [f"{prefix}/pytorch/b.pt"]
+    import mlflow
+
+    params_file = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=f"{prefix}/params.json", dst_path=str(store / "dl"))
+    assert json.loads(Path(params_file).read_text())["model"]["backbone"] == "tiny"
+    # the version's source is the logged model (models:/m-...); its params are there too
+    logged_model_id = version.model_id or version.source.removeprefix("models:/")
+    assert mlflow.get_logged_model(logged_model_id).params["model.backbone"] == "tiny"
     # the model version carries the signature the service relies on
     import mlflow
 
@@ -82,14 +90,19 @@ def test_register_twice_moves_the_alias_and_load_returns_the_new_model(store):
     assert model_info.signature.outputs.input_names() == ["logits"]
 
 
-def test_register_into_an_existing_run(store):
+def test_register_into_an_existing_run_twice_with_different_params(store):
     from ctsynth.tracking import EXPERIMENT_CLASSIFIER, start_run
 
     onnx_path, state_path = export(store, ["normal", "squamous"], seed=0, name="c")
-    with start_run(EXPERIMENT_CLASSIFIER, "child") as child:
+    with start_run(EXPERIMENT_CLASSIFIER, "parent") as parent:
         pass
-    version = register_champion(onnx_path, state_path, {"accuracy": 0.7}, {}, np.zeros((1, 1, RESOLUTION, RESOLUTION), np.float32), run_id=child.info.run_id)
-    assert load_champion().run_id == child.info.run_id and load_champion().version == version
+    example = np.zeros((1, 1, RESOLUTION, RESOLUTION), np.float32)
+    first = register_champion(onnx_path, state_path, {"accuracy": 0.7}, {"ratio": 0.5}, example, run_id=parent.info.run_id)
+    # `select` re-run after more seeds: same parent run, another champion (run params are immutable)
+    second = register_champion(onnx_path, state_path, {"accuracy": 0.8}, {"ratio": 0.25}, example, run_id=parent.info.run_id)
+    assert int(second) == int(first) + 1
+    champion = load_champion()
+    assert champion.run_id == parent.info.run_id and champion.version == second
 
 
 def test_register_rejects_wrong_input_example_and_missing_files(store):

@@ -30,6 +30,7 @@ ONNX_MODEL_NAME = "onnx_model"  # the logged model's name inside MLflow
 ONNX_FILE_NAME = "model.onnx"  # the file MLflow's onnx flavour writes inside the model folder
 TORCH_ARTIFACT_DIR = "pytorch"
 METRICS_ARTIFACT = "metrics.json"
+PARAMS_ARTIFACT = "params.json"
 
 
 class ChampionNotFoundError(RuntimeError):
@@ -91,7 +92,8 @@ def register_champion(
     Logs into run `run_id` if given, else into the active run, else into a new run
     "register-champion" in the classifier experiment. `input_example` is a small batch of
     preprocessed images (N x 1 x R x R float32) stored with the model and used to check it loads.
-    `artifacts` ({name: file}) are logged under champion/<name>/ in the run; `tags` go on the
+    Metrics are logged as `champion.<name>` run metrics; metrics.json, params.json, the weights
+    and `artifacts` ({name: file}) go under champion/v<version>/ in the run; `tags` go on the
     model version.
     """
     import onnx
@@ -123,25 +125,15 @@ def register_champion(
     else:
         run_context = tracking.start_run(tracking.EXPERIMENT_CLASSIFIER, "register-champion", root=root)
 
-    with run_context as run:
-        if params:
-            mlflow.log_params({f"champion.{k}": v for k, v in _flat_params(params).items()})
-        if numeric_metrics:
-            mlflow.log_metrics({f"champion.{k}": v for k, v in numeric_metrics.items()})
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics_file = Path(tmp) / METRICS_ARTIFACT
-            metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_jsonable))
-            mlflow.log_artifact(str(metrics_file), artifact_path="champion")
-        if torch_state_path is not None:
-            torch_state_path = Path(torch_state_path)
-            if not torch_state_path.is_file():
-                raise FileNotFoundError(f"register_champion: PyTorch weights {torch_state_path} do not exist")
-            mlflow.log_artifact(str(torch_state_path), artifact_path=f"champion/{TORCH_ARTIFACT_DIR}")
-        for artifact_name, artifact_path in (artifacts or {}).items():
-            if not Path(artifact_path).is_file():
-                raise FileNotFoundError(f"register_champion: artifact {artifact_name!r} = {artifact_path} does not exist")
-            mlflow.log_artifact(str(artifact_path), artifact_path=f"champion/{artifact_name}")
+    # Check inputs before anything is logged, so a bad call leaves no half-registered version.
+    if torch_state_path is not None and not Path(torch_state_path).is_file():
+        raise FileNotFoundError(f"register_champion: PyTorch weights {torch_state_path} do not exist")
+    for artifact_name, artifact_file in (artifacts or {}).items():
+        if not Path(artifact_file).is_file():
+            raise FileNotFoundError(f"register_champion: artifact {artifact_name!r} = {artifact_file} does not exist")
+    flat_params = _flat_params(params or {})
 
+    with run_context as run:
         model_info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
             name=ONNX_MODEL_NAME,
@@ -151,10 +143,26 @@ def register_champion(
             onnx_execution_providers=["CPUExecutionProvider"],
             save_as_external_data=False,
             metadata={"classes": info.classes, "resolution": info.resolution, "preprocessing": info.preprocessing},
+            params=flat_params or None,
         )
         version = str(model_info.registered_model_version)
-        if numeric_metrics and model_info.model_id:
-            mlflow.log_metrics(numeric_metrics, model_id=model_info.model_id)
+        # One run can register several champions over time (select re-run after more seeds):
+        # run params are immutable, so params go to the logged model and, like metrics, weights
+        # and reports, to files under champion/v<version>/ that never collide.
+        prefix = f"champion/v{version}"
+        if numeric_metrics:
+            mlflow.log_metrics({f"champion.{k}": v for k, v in numeric_metrics.items()})
+            if model_info.model_id:
+                mlflow.log_metrics(numeric_metrics, model_id=model_info.model_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            for file_name, content in ((METRICS_ARTIFACT, metrics), (PARAMS_ARTIFACT, params or {})):
+                path = Path(tmp) / file_name
+                path.write_text(json.dumps(content, indent=2, sort_keys=True, default=_jsonable))
+                mlflow.log_artifact(str(path), artifact_path=prefix)
+        if torch_state_path is not None:
+            mlflow.log_artifact(str(torch_state_path), artifact_path=f"{prefix}/{TORCH_ARTIFACT_DIR}")
+        for artifact_name, artifact_file in (artifacts or {}).items():
+            mlflow.log_artifact(str(artifact_file), artifact_path=f"{prefix}/{artifact_name}")
 
         client = MlflowClient()
         client.set_model_version_tag(name, version, "classes", json.dumps(info.classes))
