@@ -25,6 +25,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads in the server")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (exported model, server log)")
     args = parser.parse_args(argv)
 
     levels = [int(c) for c in args.clients.split(",")]
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         f"vs in-process batch 1: {top['throughput'] / in_process[1]:.2f}"
     )
     print(f"p99 latency at {one['clients']} client: {one['p99_ms']:.1f} ms (goal < 20 ms: {'met' if one['p99_ms'] < 20 else 'NOT met'})")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"model": source, "cpu_count": os.cpu_count(), "service": service, "in_process": in_process, "ratio_32": ratio}, indent=2)
