@@ -125,3 +125,10 @@ def test_raw_file_and_its_prepared_png_give_the_same_model_input(resolution):
         from_raw = preprocess_bytes(data, resolution)
         assert from_raw.shape == (1, resolution, resolution) and from_raw.dtype == np.float32
         np.testing.assert_array_equal(from_raw, preprocess_bytes(prepared_png, resolution))
+
+
+def test_dicom_pixel_limit_is_checked_from_the_header_before_decoding():
+    with open(get_testdata_file("CT_small.dcm"), "rb") as f:
+        data = f.read()
+    with pytest.raises(ImageDecodeError, match="128x128 = 16384 pixels; the limit is 100"):
+        decode_image(data, max_pixels=100)

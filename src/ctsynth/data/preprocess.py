@@ -47,7 +47,7 @@ def lung_window(hu: np.ndarray, center: float = LUNG_WINDOW_CENTER_HU, width: fl
     return np.clip((hu.astype(np.float32) - low) / width, 0.0, 1.0)
 
 
-def _decode_dicom(data: bytes) -> DecodedImage:
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -60,6 +60,10 @@ def _decode_dicom(data: bytes) -> DecodedImage:
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageDecodeError(f"DICOM file has {frames} frames; send one slice per request")
+    # From the header, before decoding: compressed pixel data can expand to far more than its bytes.
+    rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
+    if rows * columns > max_pixels:
+        raise ImageDecodeError(f"image has {columns}x{rows} = {rows * columns} pixels; the limit is {max_pixels}")
     try:
         raw = dataset.pixel_array.astype(np.float32)
     except Exception as exc:  # pydicom raises many types for broken or unsupported pixel data
@@ -104,10 +108,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     if not data:
         raise ImageDecodeError("empty file: no bytes received")
     if is_dicom(data):
-        decoded = _decode_dicom(data)
-        if decoded.width * decoded.height > max_pixels:
-            raise ImageDecodeError(f"image has {decoded.width * decoded.height} pixels; the limit is {max_pixels}")
-        return decoded
+        return _decode_dicom(data, max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as exc:
