@@ -12,6 +12,7 @@ from ctsynth.classifier.evaluate import roc_auc
 from ctsynth.config import Params
 from ctsynth.report import (
     _interval,
+    _number,
     render_report,
     roc_points,
     study_summary_text,
@@ -37,6 +38,11 @@ def test_roc_points_perfect_separation():
     assert fpr.tolist() == [0.0, 0.0, 0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0, 1.0, 1.0]
 
 
+def test_numbers_stay_readable():
+    assert _number(135081225.7979, 4) == "1.3508e+08" and _number(0.12345) == "0.123" and _number(None) == "n/a"
+    assert _number(7) == "7" and _number(float("nan")) == "n/a"
+
+
 def test_interval_text():
     assert _interval({"mean": 0.8, "low": 0.7, "high": 0.9}) == "0.800 [0.700, 0.900]"
     assert _interval({"mean": 0.05, "low": -0.01, "high": 0.11, "p_value": 0.08}) == "0.050 [-0.010, 0.110] (p 0.080)"
@@ -50,10 +56,12 @@ def test_validation_section_names_failures_and_escapes():
             "leakage_exact": {"success": False, "severity": "fail", "n_offending": 1, "description": "no file in two splits",
                               "offending": ["train/normal/<a>.png == test/normal/b.png"]},
             "readable": {"success": True, "severity": "fail", "n_offending": 0, "description": "decodes", "offending": []},
+            "duplicates_within_split": {"success": False, "severity": "warn", "n_offending": 2, "description": "repeats", "offending": ["x", "y"]},
         },
     }
     html = validation_section(summary)
-    assert html.count("FAILED") == 2  # overall + the check
+    assert html.count("FAILED") == 2  # overall + the failing check; the warn-only check is a warning
+    assert html.count(">warning<") == 1
     assert "&lt;a&gt;.png" in html and "<a>.png" not in html
 
 

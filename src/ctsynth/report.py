@@ -26,7 +26,7 @@ from ctsynth.config import Params
 log = logging.getLogger(__name__)
 
 GAN_FIGURES = (
-    ("real_vs_synthetic.png", "Real (left) vs. synthetic (right) images per class"),
+    ("real_vs_synthetic.png", "Real and synthetic images, one pair of rows per class"),
     ("losses.png", "GAN losses per kimg"),
     ("ada_p.png", "ADA augmentation probability p"),
 )
@@ -181,6 +181,8 @@ def _number(value, digits: int = 3) -> str:
         return "n/a"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
+    if abs(float(value)) >= 1e4:  # e.g. the KID of an untrained GAN: 1.351e+08, not 135081225.7979
+        return f"{float(value):.{digits + 1}g}"
     return f"{float(value):.{digits}f}"
 
 
@@ -202,8 +204,11 @@ def _table(header: list[str], rows: list[list[str]], css: str = "") -> str:
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _badge(success: bool) -> str:
-    return '<span class="ok">passed</span>' if success else '<span class="bad">FAILED</span>'
+def _badge(success: bool, fails_stage: bool = True) -> str:
+    """passed / FAILED (a check that fails its stage) / warning (a failed check that only warns)."""
+    if success:
+        return '<span class="ok">passed</span>'
+    return '<span class="bad">FAILED</span>' if fails_stage else '<span class="warn">warning</span>'
 
 
 def validation_section(summary: dict) -> str:
@@ -214,7 +219,7 @@ def validation_section(summary: dict) -> str:
     for name, check in summary.get("checks", {}).items():
         offending = check.get("offending") or []
         shown = ", ".join(_e(o) for o in offending[:5]) + (" …" if len(offending) > 5 else "")
-        check_rows.append([_e(name), _badge(bool(check.get("success"))), _e(check.get("severity", "")),
+        check_rows.append([_e(name), _badge(bool(check.get("success")), check.get("severity", "fail") == "fail"), _e(check.get("severity", "")),
                            _e(check.get("n_offending", len(offending))), _e(check.get("description", "")), shown])
     return (
         f"<p>Great Expectations suite on the raw and prepared data: {_badge(bool(summary.get('success')))} "
@@ -244,7 +249,8 @@ def synthetic_section(metrics: dict, nearest_png: bytes) -> str:
                               _e(values.get("exact_copies", "n/a")),
                               *[_number(fractions.get(p), 3) for p in ("p1", "p5")]])
     checks = metrics.get("checks", {})
-    check_rows = [[_e(name), _badge(bool(c.get("success"))), _e(c.get("detail", c.get("description", "")))] for name, c in checks.items()]
+    check_rows = [[_e(name), _badge(bool(c.get("success")), bool(c.get("fails_stage", True))), _e(c.get("detail", c.get("description", "")))]
+                  for name, c in checks.items()]
     success = metrics.get("success")
     return (
         (f"<p>Synthetic-data checks: {_badge(bool(success))}.</p>" if success is not None else "")
@@ -309,7 +315,7 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertica
 th { background: #eef2f6; } table.numbers td { font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
 .row { display: flex; flex-wrap: wrap; gap: 2em; }
-.ok { color: #176d2c; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
+.ok { color: #176d2c; font-weight: bold; } .bad { color: #b00020; font-weight: bold; } .warn { color: #a65f00; font-weight: bold; }
 .meta { color: #666; font-size: 0.85em; }
 """
 
