@@ -116,6 +116,9 @@ def test_demodulated_conv_output_has_unit_variance() -> None:
     styles = torch.randn(batch, in_ch) * 0.5 + 1.0
     y = modulated_conv2d(x, weight, styles, demodulate=True, padding=1)
     assert y.shape == (batch, out_ch, size, size)
+    torch.testing.assert_close(
+        modulated_conv2d(x, weight, styles, demodulate=True, padding=1, fused=False), y, rtol=1e-4, atol=1e-4
+    )
     interior = y[..., 1:-1, 1:-1]  # zero padding lowers the variance at the border
     assert interior.var().item() == pytest.approx(1.0, abs=0.03)
     # Per sample and output channel too (demodulation is per (n, o)).
@@ -140,6 +143,19 @@ def test_modulated_conv_grouped_equals_per_sample_conv() -> None:
                 ref = upfirdn2d(ref, f, padding=1, gain=4)
             torch.testing.assert_close(y[n : n + 1], ref, rtol=1e-4, atol=1e-5)
         assert y.shape[-1] == 8 * up
+        for demodulate in (True, False):  # the unfused form (scale inputs, shared conv, scale outputs) agrees
+            fused = modulated_conv2d(x, weight, styles, demodulate, up=up, padding=1, resample_filter=f)
+            unfused = modulated_conv2d(x, weight, styles, demodulate, up=up, padding=1, resample_filter=f, fused=False)
+            torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-4)
+
+
+def test_generator_fused_and_unfused_paths_agree() -> None:
+    G, _ = tiny_pair()
+    z = torch.randn(4, G.z_dim)
+    with torch.no_grad():
+        fused = G(z, None, noise_mode="const")
+    unfused = G(z, None, noise_mode="const")  # grad enabled -> unfused
+    torch.testing.assert_close(unfused.detach(), fused, rtol=1e-4, atol=1e-4)
 
 
 def test_minibatch_std_matches_explicit_groups() -> None:

@@ -182,6 +182,7 @@ def modulated_conv2d(
     padding: int = 0,
     resample_filter: torch.Tensor | None = None,
     eps: float = 1e-8,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Conv whose weights are scaled per sample by ``styles`` (one scale per input channel).
 
@@ -197,6 +198,13 @@ def modulated_conv2d(
     filter (gain 4). This is the same as "zero-insert, FIR, conv" up to the
     (learned, so immaterial) flip of the kernel, at a quarter of the cost.
 
+    ``fused=False`` computes the identical result the other way the paper
+    describes: scale the input activations by the styles, run ONE ordinary
+    batched conv with the shared weight, scale the outputs by the demodulation
+    coefficients. Use it when gradients flow (training): PyTorch's double
+    backward of a grouped conv loops over the groups (here: the batch), and the
+    weight gradient of a shared weight is one conv instead of N.
+
     Args:
         x: ``N x I x H x W``.
         weight: ``O x I x kh x kw`` (any equalised-lr gain already applied or
@@ -205,6 +213,10 @@ def modulated_conv2d(
     """
     batch, in_channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
+    if up > 1 and resample_filter is None:
+        raise ValueError("modulated_conv2d with up > 1 needs a resample_filter")
+    if not fused:
+        return _modulated_conv2d_unfused(x, weight, styles, demodulate, up, padding, resample_filter, eps)
     w = weight.unsqueeze(0) * styles.reshape(batch, 1, in_channels, 1, 1)  # N O I kh kw
     if demodulate:
         dcoefs = (w.square().sum(dim=[2, 3, 4]) + eps).rsqrt()  # N O
@@ -215,16 +227,50 @@ def modulated_conv2d(
     if up == 1:
         x = F.conv2d(x, w.reshape(batch * out_channels, in_channels, kh, kw), padding=padding, groups=batch)
     else:
-        if resample_filter is None:
-            raise ValueError("modulated_conv2d with up > 1 needs a resample_filter")
         # conv_transpose2d wants weights as (in, out/groups, kh, kw).
         w_t = w.transpose(1, 2).reshape(batch * in_channels, out_channels, kh, kw)
         x = F.conv_transpose2d(x, w_t, stride=up, groups=batch)
-        # Output (H-1)*up + kh; FIR padding up + fw - kh - 1 brings it to H*up, centred.
-        total = up + resample_filter.shape[-1] - kh - 1
-        p0, p1 = (total + 1) // 2, total // 2
-        x = upfirdn2d(x, resample_filter, padding=(p0, p1, p0, p1), gain=up * up)
+        x = _upsample_after_transposed_conv(x, resample_filter, up, kh)
     return x.reshape(batch, out_channels, x.shape[2], x.shape[3])
+
+
+def _upsample_after_transposed_conv(x: torch.Tensor, f: torch.Tensor, up: int, kernel_size: int) -> torch.Tensor:
+    """FIR after a stride-``up`` transposed conv: output ``(H-1)*up + k`` becomes ``H*up``, centred."""
+    total = up + f.shape[-1] - kernel_size - 1
+    p0, p1 = (total + 1) // 2, total // 2
+    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=up * up)
+
+
+def _modulated_conv2d_unfused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    demodulate: bool,
+    up: int,
+    padding: int,
+    resample_filter: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``modulated_conv2d`` as scale-inputs, shared conv, scale-outputs (see its docstring)."""
+    batch, in_channels = styles.shape
+    x = x * styles.to(x.dtype).reshape(batch, in_channels, 1, 1)
+    w = weight.to(x.dtype)
+    if up == 1:
+        x = F.conv2d(x, w, padding=padding)
+    else:
+        x = F.conv_transpose2d(x, w.transpose(0, 1), stride=up)
+        x = _upsample_after_transposed_conv(x, resample_filter, up, weight.shape[-1])
+    if demodulate:
+        # sum_{i,k} (w_{o,i,k} s_{n,i})^2 = sum_i s_{n,i}^2 sum_k w_{o,i,k}^2
+        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).T + eps).rsqrt()  # N O
+        x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
+    return x
+
+
+def use_fused_modconv() -> bool:
+    """Grouped (fused) modulated conv for inference, the batched unfused form when
+    gradients are tracked (see ``modulated_conv2d``); both compute the same thing."""
+    return not torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +408,7 @@ class SynthesisLayer(nn.Module):
         styles = self.affine(w)
         x = modulated_conv2d(
             x, self.weight, styles, demodulate=True, up=self.up, padding=self.padding,
-            resample_filter=self.resample_filter,
+            resample_filter=self.resample_filter, fused=use_fused_modconv(),
         )
         if self.use_noise and noise_mode != "none":
             if noise_mode == "random":
@@ -397,7 +443,7 @@ class ToRGBLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain  # equalised lr folded into the styles
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=self.padding)
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=self.padding, fused=use_fused_modconv())
         return bias_act(x, self.bias, act="linear", clamp=self.conv_clamp)
 
 

@@ -9,6 +9,7 @@ whose field names are the knobs a reader of the paper expects. Presets:
 * ``cifar``: the ADA paper's CIFAR-10 setting (no style mixing; the paper also
   turns path-length regularisation off there, so ``pl_weight = 0``).
 * ``cpu64``: ours -- small enough to train on CPU for the embedded default data.
+* ``bench64``: issue 6's speed benchmark (``benchmarks/gan_throughput.py``).
 * ``tiny``: for tests (seconds on CPU).
 """
 
@@ -139,6 +140,18 @@ def _cpu64(resolution: int, gpus: int) -> dict[str, Any]:
     }
 
 
+def _bench64(resolution: int, gpus: int) -> dict[str, Any]:
+    # Issue 6's speed benchmark: cpu64-sized nets, conditional on 2 classes, ADA "bgc" at a fixed
+    # p = 0.2 so every minibatch does the same augmentation work, full lazy schedule.
+    batch = 16
+    return {
+        "batch": batch, "mbstd": 4, "channel_base": 8192, "channel_max": 256, "map_layers": 2,
+        "z_dim": 256, "w_dim": 256, "c_dim": 2, "lr": 0.0025, "gamma": 0.0002 * resolution**2 / batch,
+        "ema_kimg": batch * 10 / 32, "ema_rampup": 0.05, "style_mixing_prob": 0.9,
+        "augment": "bgc", "fixed_p": 0.2, "pl_interval": 4, "r1_interval": 16,
+    }
+
+
 def _tiny(resolution: int, gpus: int) -> dict[str, Any]:
     batch = 4
     return {
@@ -155,6 +168,7 @@ PRESETS = {
     "paper256": _paper256,
     "cifar": _cifar,
     "cpu64": _cpu64,
+    "bench64": _bench64,
     "tiny": _tiny,
 }
 
