@@ -440,7 +440,12 @@ class AdaptiveP:
         return r_t
 
     def state_dict(self) -> dict[str, Any]:
-        self._fold_pending()
+        """p and the accumulators. Safe to call on one rank only: with a ``reduce``
+        (multi-process) the signs not yet reduced are left out rather than
+        all-reduced here (that would hang if the other ranks do not call too), so
+        a resume loses at most ``interval - 1`` minibatches of signs."""
+        if self.reduce is None:
+            self._fold_pending()
         return {
             "p": self.p,
             "sign_sum": self.sign_sum,
