@@ -295,7 +295,7 @@ def champion_section(summary: dict, evaluation: ChampionEvaluation, onnx_model: 
         ["ONNX vs PyTorch max |Δ logit|", _number(parity.get("parity_max_abs_logit_diff"), 7)],
     ]
     metric_rows = [[_e(m.replace("_", " ")), _number(evaluation.metrics.get(m))] for m in TABLE_METRICS]
-    title = f"champion (ratio {champion.get('ratio', '?')}, seed {champion.get('seed', '?')}), test n={evaluation.metrics['n']}"
+    title = f"champion on test (n={evaluation.metrics['n']})"
     return (
         _table(["", ""], facts)
         + "<p>Computed here by running the exported ONNX model over the prepared test split:</p>"
