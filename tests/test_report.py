@@ -87,3 +87,14 @@ def test_missing_stage_outputs_are_named(tmp_path):
 def test_summary_without_a_sweep_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics/summary.json does not exist: run `dvc repro`"):
         study_summary_text(Params(), tmp_path)
+
+
+def test_cli_summary_and_report_without_a_study_exit_1_with_the_reason(tmp_path, monkeypatch, caplog):
+    from ctsynth.cli import main
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["summary"]) == 1
+    assert "metrics/summary.json does not exist" in caplog.text
+    assert main(["report"]) == 1
+    assert "missing" in caplog.text and "reports/validation/summary.json" in caplog.text

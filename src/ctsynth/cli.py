@@ -142,7 +142,11 @@ def _report(args: argparse.Namespace) -> int:
     from ctsynth.report import write_report
 
     root = repo_root()
-    write_report(load_params(args.params), root, root / args.out)
+    try:
+        write_report(load_params(args.params), root, root / args.out)
+    except FileNotFoundError as exc:  # a stage output is missing: say which, no traceback
+        log.error("%s", exc)
+        return 1
     return 0
 
 
@@ -151,7 +155,11 @@ def _summary(args: argparse.Namespace) -> int:
     from ctsynth.paths import repo_root
     from ctsynth.report import study_summary_text
 
-    print(study_summary_text(load_params(args.params), repo_root()))
+    try:
+        print(study_summary_text(load_params(args.params), repo_root()))
+    except FileNotFoundError as exc:  # no sweep yet: say what to run, no traceback
+        log.error("%s", exc)
+        return 1
     return 0
 
 
