@@ -1,7 +1,9 @@
-"""Where the repository root is, so every stage writes to the same MLflow store and folders.
+"""Where the repository is (data, models, params) and where the shared MLflow store is.
 
-Queued DVC experiments run in temporary copies of the repository; DVC exports ``DVC_ROOT`` to
-point at that copy, and we honour it before falling back to git or the working directory.
+The two differ for queued DVC experiments (`dvc exp run --queue`): each runs its stages in a
+temporary copy of the repository (the working directory) while ``DVC_ROOT`` names the workspace
+the experiment was queued from. Data and params must come from the copy; the default MLflow store
+belongs to the workspace, so that every experiment lands in one place.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ from pathlib import Path
 
 
 def repo_root(start: Path | None = None) -> Path:
-    env_root = os.environ.get("DVC_ROOT")
-    if env_root:
-        return Path(env_root).resolve()
+    """The repository we run in: the nearest folder above the cwd with dvc.yaml or .git."""
     start = (start or Path.cwd()).resolve()
     for candidate in (start, *start.parents):
         if (candidate / "dvc.yaml").exists() or (candidate / ".git").exists():
             return candidate
     return start
+
+
+def store_root(repository: Path | None = None) -> Path:
+    """Where the default MLflow store lives: the DVC workspace (``DVC_ROOT``) when DVC set one,
+    else the repository (`repository`, or the one we run in)."""
+    env_root = os.environ.get("DVC_ROOT")
+    return Path(env_root).resolve() if env_root else (repository or repo_root())
 
 
 def git_commit(root: Path | None = None) -> str:

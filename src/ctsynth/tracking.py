@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ctsynth.paths import git_commit, repo_root
+from ctsynth.paths import git_commit, store_root
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,11 @@ def tracking_uri(root: Path | None = None) -> str:
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
         return env_uri
-    return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+    return f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def artifact_root(root: Path | None = None) -> Path:
-    return (root or repo_root()) / "mlartifacts"
+    return store_root(root) / "mlartifacts"
 
 
 def configure(root: Path | None = None):
@@ -64,7 +64,8 @@ def ensure_experiment(name: str, root: Path | None = None) -> str:
 
 def standard_tags(root: Path | None = None) -> dict[str, str]:
     """Tags every run carries: the code version and, under DVC, the experiment and stage."""
-    tags = {"git_commit": git_commit(root), "mlflow.source.git.commit": git_commit(root)}
+    commit = git_commit(root)
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit}
     for env_name, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_STAGE", "dvc_stage")):
         if os.environ.get(env_name):
             tags[tag] = os.environ[env_name]

@@ -86,11 +86,6 @@ def queue_env(repo: Path, store: Path, tracking_uri: str) -> dict[str, str]:
     return pipeline_env(repo, store) | {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": f"src{os.pathsep}."}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ctsynth.paths.repo_root() honours DVC_ROOT, which DVC sets to the PARENT repository for queued "
-    "experiments, so queued stages write into the parent workspace (/work/notes/e2e_failures.md #3)",
-)
 def test_two_queued_experiments_land_in_one_mlflow_server(tmp_path, mlflow_server):
     repo = tmp_path / "repo"
     repo.mkdir()
