@@ -19,6 +19,7 @@ Conventions that hold everywhere:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -44,10 +45,36 @@ __all__ = [
     "DiscriminatorEpilogue",
     "Discriminator",
     "channels_at",
+    "bf16_supported",
 ]
 
 DEFAULT_RESAMPLE_FILTER: tuple[int, ...] = (1, 3, 3, 1)
 SQRT_HALF = math.sqrt(0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_supported(device_type: str) -> bool:
+    """Whether bfloat16 convolutions run natively here (CPU: oneDNN with avx512_bf16 / AMX)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def block_dtype(use_reduced_precision: bool, device: torch.device) -> torch.dtype:
+    """bfloat16 for a reduced-precision block where the hardware supports it, else float32.
+
+    The CPU counterpart of the reference's fp16 layers on GPU: only the highest resolutions,
+    where the big convolutions are, and always with the +-conv_clamp activation clamp.
+    """
+    if use_reduced_precision and bf16_supported(device.type):
+        return torch.bfloat16
+    return torch.float32
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def channels_at(resolution: int, channel_base: int, channel_max: int) -> int:
@@ -267,10 +294,11 @@ def _modulated_conv2d_unfused(
     return x
 
 
-def use_fused_modconv() -> bool:
+def use_fused_modconv(grouped: bool = False) -> bool:
     """Grouped (fused) modulated conv for inference, the batched unfused form when
-    gradients are tracked (see ``modulated_conv2d``); both compute the same thing."""
-    return not torch.is_grad_enabled()
+    gradients are tracked (see ``modulated_conv2d``); both compute the same thing.
+    ``grouped=True`` always uses the grouped form (the reference path in benchmarks)."""
+    return grouped or not torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------------------
@@ -395,6 +423,7 @@ class SynthesisLayer(nn.Module):
         self.conv_clamp = conv_clamp
         self.padding = kernel_size // 2
         self.register_buffer("resample_filter", setup_filter(resample_filter), persistent=False)
+        self.grouped_modconv = False  # True: always the grouped form (see use_fused_modconv)
         # Style affine: bias init 1 so that styles start around 1 (identity modulation).
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
@@ -408,7 +437,7 @@ class SynthesisLayer(nn.Module):
         styles = self.affine(w)
         x = modulated_conv2d(
             x, self.weight, styles, demodulate=True, up=self.up, padding=self.padding,
-            resample_filter=self.resample_filter, fused=use_fused_modconv(),
+            resample_filter=self.resample_filter, fused=use_fused_modconv(self.grouped_modconv),
         )
         if self.use_noise and noise_mode != "none":
             if noise_mode == "random":
@@ -435,6 +464,7 @@ class ToRGBLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.conv_clamp = conv_clamp
+        self.grouped_modconv = False  # True: always the grouped form (see use_fused_modconv)
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -443,7 +473,10 @@ class ToRGBLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain  # equalised lr folded into the styles
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=self.padding, fused=use_fused_modconv())
+        x = modulated_conv2d(
+            x, self.weight, styles, demodulate=False, padding=self.padding,
+            fused=use_fused_modconv(self.grouped_modconv),
+        )
         return bias_act(x, self.bias, act="linear", clamp=self.conv_clamp)
 
 
@@ -486,17 +519,25 @@ class SynthesisBlock(nn.Module):
         )
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         self.num_torgb = 1
+        # Set by SynthesisNetwork: bfloat16 features where supported, channels-last layout.
+        self.use_bf16 = False
+        self.channels_last = False
 
     def forward(
         self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str = "random"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ws``: ``N x (num_conv + 1) x w_dim``. Returns the features and the running image."""
+        """``ws``: ``N x (num_conv + 1) x w_dim``. Returns the features and the running image.
+
+        The features may be bfloat16 (``use_bf16``); the image always stays float32.
+        """
+        dtype = block_dtype(self.use_bf16, ws.device)
+        layout = memory_format(self.channels_last)
         if self.const is not None:
-            x = self.const.to(ws.dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1).contiguous(memory_format=layout)
         else:
-            x = self.conv0(x, ws[:, 0], noise_mode=noise_mode)
+            x = self.conv0(x.to(dtype=dtype, memory_format=layout), ws[:, 0], noise_mode=noise_mode)
         x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode=noise_mode)
-        y = self.torgb(x, ws[:, self.num_conv])
+        y = self.torgb(x, ws[:, self.num_conv]).to(torch.float32)
         # Skip architecture: the image so far is upsampled and the new toRGB output added.
         img = y if img is None else upsample2d(img, self.resample_filter) + y
         return x, img
@@ -514,6 +555,8 @@ class SynthesisNetwork(nn.Module):
         channel_max: int = 512,
         conv_clamp: float | None = 256,
         resample_filter: Sequence[int] = DEFAULT_RESAMPLE_FILTER,
+        num_bf16_res: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         log2 = _check_resolution(img_resolution)
@@ -530,6 +573,7 @@ class SynthesisNetwork(nn.Module):
                 resample_filter=resample_filter, conv_clamp=conv_clamp,
             )
         self.num_ws = sum(block.num_conv for block in self.blocks.values()) + 1
+        set_speed_options(self, num_bf16_res, channels_last)
 
     def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         if ws.ndim != 3 or ws.shape[1] != self.num_ws:
@@ -562,13 +606,15 @@ class Generator(nn.Module):
         mapping_lr_mul: float = 0.01,
         w_avg_beta: float = 0.995,
         conv_clamp: float | None = 256,
+        num_bf16_res: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.synthesis = SynthesisNetwork(
             w_dim, img_resolution, img_channels, channel_base=channel_base, channel_max=channel_max,
-            conv_clamp=conv_clamp,
+            conv_clamp=conv_clamp, num_bf16_res=num_bf16_res, channels_last=channels_last,
         )
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(
@@ -636,8 +682,12 @@ class DiscriminatorBlock(nn.Module):
             resample_filter=resample_filter, conv_clamp=conv_clamp,
         )
         self.skip = Conv2dLayer(in_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
+        # Set by Discriminator: bfloat16 features where supported, channels-last layout.
+        self.use_bf16 = False
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype=block_dtype(self.use_bf16, x.device), memory_format=memory_format(self.channels_last))
         # The sqrt(1/2) gains keep the sum's variance equal to its parts'.
         y = self.skip(x, gain=SQRT_HALF)
         x = self.conv1(self.conv0(x), gain=SQRT_HALF)
@@ -728,6 +778,8 @@ class Discriminator(nn.Module):
         label_map_layers: int = 8,
         conv_clamp: float | None = 256,
         resample_filter: Sequence[int] = DEFAULT_RESAMPLE_FILTER,
+        num_bf16_res: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         log2 = _check_resolution(img_resolution)
@@ -747,6 +799,7 @@ class Discriminator(nn.Module):
                 self.channels[res], self.channels[res], self.channels[res // 2],
                 resample_filter=resample_filter, conv_clamp=conv_clamp,
             )
+            self.blocks[f"b{res}"].resolution_in = res
         self.mapping = (
             MappingNetwork(0, c_dim, cmap_dim, num_ws=None, num_layers=label_map_layers, w_avg_beta=None)
             if c_dim > 0 else None
@@ -755,10 +808,46 @@ class Discriminator(nn.Module):
             self.channels[4], cmap_dim, resolution=4, mbstd_group_size=mbstd_group_size,
             mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp,
         )
+        set_speed_options(self, num_bf16_res, channels_last)
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        # fromRGB runs in the dtype / layout of the first (highest-resolution) block.
+        first = next(iter(self.blocks.values()), None)
+        if first is not None:
+            dtype = block_dtype(first.use_bf16, img.device)
+            img = img.to(dtype=dtype, memory_format=memory_format(first.channels_last))
         x = self.fromrgb(img)
         for block in self.blocks.values():
             x = block(x)
         cmap = self.mapping(None, c) if self.mapping is not None else None
-        return self.epilogue(x, cmap)
+        return self.epilogue(x.to(dtype=torch.float32, memory_format=torch.contiguous_format), cmap)
+
+
+def set_speed_options(
+    network: nn.Module, num_bf16_res: int = 0, channels_last: bool = False, grouped_modconv: bool = False
+) -> None:
+    """Speed settings that do not change what a network computes (up to rounding).
+
+    ``num_bf16_res``: the top N resolutions compute in bfloat16 where the hardware supports it
+    (their activations are clamped to +-conv_clamp as everywhere). ``channels_last``: NHWC
+    feature maps (oneDNN's fast layout). ``grouped_modconv``: always the grouped form of the
+    modulated conv (the reference path); otherwise the batched form while training.
+    Works on a Generator, SynthesisNetwork or Discriminator (and reapplies after loading).
+    """
+    if num_bf16_res < 0:
+        raise ValueError(f"num_bf16_res must be >= 0, got {num_bf16_res}")
+    blocks = [m for m in network.modules() if isinstance(m, (SynthesisBlock, DiscriminatorBlock))]
+    resolutions = sorted({_block_resolution(m) for m in blocks}, reverse=True)
+    reduced = set(resolutions[:num_bf16_res])
+    for block in blocks:
+        block.use_bf16 = _block_resolution(block) in reduced
+        block.channels_last = channels_last
+    for layer in network.modules():
+        if isinstance(layer, (SynthesisLayer, ToRGBLayer)):
+            layer.grouped_modconv = grouped_modconv
+
+
+def _block_resolution(block: nn.Module) -> int:
+    if isinstance(block, SynthesisBlock):
+        return block.resolution
+    return block.resolution_in

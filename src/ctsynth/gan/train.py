@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 NETWORK_FORMAT = "ctsynth-stylegan2-ada/1"
 GRID_COLUMNS = 8
 GRID_SEED = 1234
+# Config keys a resumed run may change: length, snapshot spacing and speed-only settings.
+RESUMABLE_CHANGES = ("kimg", "snap", "num_bf16_res", "channels_last")
 
 
 @dataclass
@@ -110,11 +112,12 @@ def build_networks(cfg: GANConfig, device: str | torch.device) -> tuple[Generato
         z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim, img_resolution=cfg.resolution,
         img_channels=cfg.img_channels, channel_base=cfg.channel_base, channel_max=cfg.channel_max,
         map_layers=cfg.map_layers, mapping_lr_mul=cfg.mapping_lr_mul, conv_clamp=cfg.conv_clamp,
+        num_bf16_res=cfg.num_bf16_res, channels_last=cfg.channels_last,
     )
     D = Discriminator(
         c_dim=cfg.c_dim, img_resolution=cfg.resolution, img_channels=cfg.img_channels,
         channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group_size=cfg.mbstd,
-        conv_clamp=cfg.conv_clamp,
+        conv_clamp=cfg.conv_clamp, num_bf16_res=cfg.num_bf16_res, channels_last=cfg.channels_last,
     )
     return G.to(device), D.to(device)
 
@@ -212,7 +215,7 @@ class GANTrainer:
         if state.get("format") != NETWORK_FORMAT:
             raise ValueError(f"not a ctsynth StyleGAN2-ADA snapshot (format {state.get('format')!r})")
         saved = GANConfig.from_dict(state["config"])
-        changed = {k for k, v in saved.to_dict().items() if k not in ("kimg", "snap") and self.cfg.to_dict()[k] != v}
+        changed = {k for k, v in saved.to_dict().items() if k not in RESUMABLE_CHANGES and self.cfg.to_dict()[k] != v}
         if changed:
             raise ValueError(
                 f"cannot resume: the snapshot was trained with different settings for {sorted(changed)}; "

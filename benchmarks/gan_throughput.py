@@ -1,0 +1,272 @@
+"""StyleGAN2-ADA training throughput, FLOPs and machine efficiency, measured in one run (issue 6).
+
+For each arm it trains a preset (default ``bench64``: 64 px, batch 16, conditional on 2 classes,
+ADA bgc at fixed p 0.2, the full lazy schedule) on random images for a warm-up and then a fixed
+number of minibatches (a multiple of 16, so every lazy phase is represented in its true
+proportion: Greg on 4 of 16 minibatches, Dreg on 1), and prints:
+
+* real images/s and s/kimg, peak memory (process RSS; ``torch.cuda.max_memory_allocated`` on GPU);
+* FLOPs of one training minibatch: forward passes counted with ``torch.utils.flop_counter``
+  (conv / matmul FLOPs), backward and regularisation passes derived from them (formula printed);
+* achieved FLOP/s and the ratio to this machine's matmul FLOP/s, measured right before the arm
+  with the same thread count (2048 x 2048 fp32 matmuls; bf16 too for the bf16 arm);
+* images/s for generation alone (G_ema, no grad, the same batch).
+
+Arms: ``reference`` (``--reference``): the plain pure-PyTorch path -- fused ops off
+(CTSYNTH_FUSED_OPS=0), grouped modulated convs, NCHW, float32. ``fp32``: our fast path in float32
+(fused bias_act, batched modulated convs while training, channels-last). ``bf16``: the fast path
+with the top ``--num-bf16-res`` resolutions in bfloat16 (only where the hardware supports it).
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/gan_throughput.py --reference
+    PYTHONPATH=src python benchmarks/gan_throughput.py --preset cpu64 --arms bf16
+    PYTHONPATH=src python benchmarks/gan_throughput.py --preset tiny --resolution 32 --steps 16 --warmup 1  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ctsynth.gan.networks import bf16_supported, set_speed_options
+from ctsynth.gan.ops import extension_status, fused_ops_enabled
+from ctsynth.gan.ops.fused import load_extension
+from ctsynth.gan.presets import GANConfig, make_config
+from ctsynth.gan.train import GANTrainer, TrainingData, TrainOptions
+
+# How the FLOPs of one minibatch are derived from counted forward FLOPs (printed with the result).
+# A conv / matmul's backward is two ops of its forward's size (input grad, weight grad); a
+# frozen network needs only the input grad. A regulariser that differentiates a gradient
+# (create_graph) costs forward 1 + first backward 1 (input grads only) + backward through both
+# graphs 4 (each of the two products has an input and a weight grad) = 6 forwards.
+FLOP_FORMULA = (
+    "Gmain = F_G(B) + F_D(B) + backward [2 F_G(B) (weights+inputs) + 1 F_D(B) (D frozen: inputs)]\n"
+    "  Dmain = F_G(B) (no grad) + 2 F_D(B) + backward 2 x 2 F_D(B)\n"
+    "  Greg  = 6 F_G(B/pl_batch_shrink) every pl_interval;  Dreg = 6 F_D(B) every r1_interval\n"
+    "  (F_G, F_D: torch.utils.flop_counter forward FLOPs incl. mapping and augmentation; "
+    "elementwise ops not counted)"
+)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of size x size matmuls (the machine's practical peak for this thread count)."""
+    if device.type == "cuda":
+        size = 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if count % 2 == 0:
+            sync(device)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * size**3 * count / elapsed
+
+
+def forward_flops(trainer: GANTrainer) -> tuple[float, float, float]:
+    """Counted forward FLOPs: F_G(B), F_G(B / pl_batch_shrink), F_D(B) (with augmentation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = trainer.cfg
+    batch = trainer.batch_per_rank
+    real, c = trainer._real_batch()
+    c = c.to(trainer.device) if c is not None else None
+    z = torch.randn(batch, cfg.z_dim, device=trainer.device)
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    with torch.enable_grad():  # the training form of the modulated convs
+        f_g = count(lambda: trainer.loss.run_G(z, c))
+        shrink = max(batch // cfg.pl_batch_shrink, 1)
+        f_g_pl = count(lambda: trainer.loss.run_G(z[:shrink], c[:shrink] if c is not None else None))
+        f_d = count(lambda: trainer.loss.run_D(real, c))
+    return f_g, f_g_pl, f_d
+
+
+def minibatch_flops(cfg: GANConfig, f_g: float, f_g_pl: float, f_d: float) -> float:
+    g_main = f_g + f_d + 2 * f_g + f_d
+    d_main = f_g + 2 * f_d + 2 * 2 * f_d
+    g_reg = 6 * f_g_pl / cfg.pl_interval if cfg.pl_weight > 0 and cfg.pl_interval else 0.0
+    d_reg = 6 * f_d / cfg.r1_interval if cfg.gamma > 0 and cfg.r1_interval else 0.0
+    return g_main + d_main + g_reg + d_reg
+
+
+@contextlib.contextmanager
+def fused_ops(enabled: bool):
+    old = os.environ.get("CTSYNTH_FUSED_OPS")
+    os.environ["CTSYNTH_FUSED_OPS"] = "auto" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CTSYNTH_FUSED_OPS", None)
+        else:
+            os.environ["CTSYNTH_FUSED_OPS"] = old
+
+
+def arm_config(cfg: GANConfig, arm: str, num_bf16_res: int, channels_last: bool) -> GANConfig:
+    if arm == "reference":
+        return replace(cfg, num_bf16_res=0, channels_last=False)
+    if arm == "fp32":
+        return replace(cfg, num_bf16_res=0, channels_last=channels_last)
+    return replace(cfg, num_bf16_res=num_bf16_res, channels_last=channels_last)
+
+
+def run_arm(arm: str, cfg: GANConfig, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    data = TrainingData(torch.rand(256, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
+                        torch.arange(256) % max(cfg.c_dim, 1))
+    with tempfile.TemporaryDirectory() as tmp, fused_ops(arm != "reference"):
+        options = TrainOptions(out_dir=Path(tmp), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
+                               mlflow=False, progress=False, device=str(device))
+        trainer = GANTrainer(cfg, data, options)
+        grouped = arm == "reference"
+        for net in (trainer.G, trainer.D, trainer.G_ema):
+            set_speed_options(net, cfg.num_bf16_res, cfg.channels_last, grouped_modconv=grouped)
+
+        peak_matmul = matmul_flops(device, torch.float32)
+        peak_matmul_bf16 = matmul_flops(device, torch.bfloat16) if arm == "bf16" else float("nan")
+        f_g, f_g_pl, f_d = forward_flops(trainer)
+        flops = minibatch_flops(cfg, f_g, f_g_pl, f_d)
+
+        for _ in range(args.warmup):
+            trainer._train_step()
+        # Start the timed window at a multiple of 16 so every lazy phase is represented exactly.
+        while trainer.batch_idx % 16:
+            trainer._train_step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            trainer._train_step()
+        sync(device)
+        train_s = time.perf_counter() - start
+
+        # Generation alone: G_ema at the training batch, no grad (grouped modulated convs).
+        batch = trainer.batch_per_rank
+        c = torch.nn.functional.one_hot(torch.arange(batch) % max(cfg.c_dim, 1), max(cfg.c_dim, 1)).float()
+        c = c.to(device) if cfg.c_dim else None
+        z = torch.randn(batch, cfg.z_dim, device=device)
+        with torch.no_grad():
+            trainer.G_ema(z, c)
+            sync(device)
+            gen_start, gen_batches = time.perf_counter(), 0
+            while gen_batches < 3 or time.perf_counter() - gen_start < 3:
+                trainer.G_ema(z, c)
+                gen_batches += 1
+            sync(device)
+            gen_s = time.perf_counter() - gen_start
+
+    images = args.steps * cfg.batch
+    result = {
+        "images_per_s": images / train_s,
+        "s_per_kimg": train_s / images * 1000,
+        "flops_per_minibatch": flops,
+        "F_G": f_g, "F_G_pl": f_g_pl, "F_D": f_d,
+        "achieved_flops": flops * args.steps / train_s,
+        "matmul_flops": peak_matmul,
+        "matmul_flops_bf16": peak_matmul_bf16,
+        "gen_images_per_s": gen_batches * batch / gen_s,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+    }
+    result["efficiency"] = result["achieved_flops"] / peak_matmul
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bench64")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="override the preset's batch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="minibatches before the timed window")
+    parser.add_argument("--steps", type=int, default=16, help="timed minibatches (a multiple of 16)")
+    parser.add_argument("--arms", default="fp32,bf16", help="comma list of fp32, bf16 (reference: --reference)")
+    parser.add_argument("--reference", action="store_true", help="also run the plain pure-PyTorch path first")
+    parser.add_argument("--num-bf16-res", type=int, default=None,
+                        help="bf16 arm: top N resolutions in bfloat16 (default: the preset's, else 2)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.steps < 16 or args.steps % 16:
+        parser.error("--steps must be a positive multiple of 16 (so the lazy phases are represented)")
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    overrides = {"batch": args.batch} if args.batch else {}
+    base = make_config(args.preset, args.resolution, **overrides)
+    num_bf16 = args.num_bf16_res if args.num_bf16_res is not None else (base.num_bf16_res or 2)
+    arms = (["reference"] if args.reference else []) + [a for a in args.arms.split(",") if a]
+    for arm in arms:
+        if arm not in ("reference", "fp32", "bf16"):
+            parser.error(f"unknown arm {arm!r}")
+    bf16_ok = bf16_supported(device.type)
+    if "bf16" in arms and not bf16_ok:
+        print("# bf16 arm skipped: no native bfloat16 convolutions on this device", flush=True)
+        arms = [a for a in arms if a != "bf16"]
+
+    if fused_ops_enabled():
+        load_extension()  # build once before any timing
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"# gan_throughput: preset {args.preset} @ {args.resolution} px, batch {base.batch}, c_dim {base.c_dim}, "
+          f"augment {base.augment} p={base.fixed_p}, device {device}, threads {args.threads}, torch {torch.__version__}")
+    print(f"# {extension_status()}; bf16 supported: {bf16_ok}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"# warm-up {args.warmup} minibatches, timed {args.steps} minibatches; FLOPs per minibatch:\n  {FLOP_FORMULA}",
+          flush=True)
+
+    results: dict[str, dict[str, float]] = {}
+    for arm in arms:
+        cfg = arm_config(base, arm, num_bf16, not args.no_channels_last)
+        r = run_arm(arm, cfg, args, device)
+        results[arm] = r
+        print(
+            f"{arm:>9}: {r['images_per_s']:7.2f} img/s  {r['s_per_kimg']:8.1f} s/kimg  "
+            f"{r['flops_per_minibatch'] / 1e9:7.1f} GFLOP/minibatch (F_G {r['F_G'] / 1e9:.2f}, "
+            f"F_G_pl {r['F_G_pl'] / 1e9:.2f}, F_D {r['F_D'] / 1e9:.2f})  "
+            f"achieved {r['achieved_flops'] / 1e9:6.1f} GFLOP/s = {100 * r['efficiency']:5.1f} % of fp32 matmul "
+            f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s"
+            + (f" (bf16 matmul {r['matmul_flops_bf16'] / 1e9:.1f} GFLOP/s, "
+               f"{100 * r['achieved_flops'] / r['matmul_flops_bf16']:.1f} % of it)" if arm == "bf16" else "")
+            + f"  | generation {r['gen_images_per_s']:7.1f} img/s  | peak RSS {r['peak_rss_gib']:.2f} GiB"
+            + (f", CUDA {r['cuda_peak_gib']:.2f} GiB" if device.type == "cuda" else ""),
+            flush=True,
+        )
+    print("# ratios (same run):")
+    if "reference" in results:
+        for arm in arms:
+            if arm != "reference":
+                ratio = results[arm]["images_per_s"] / results["reference"]["images_per_s"]
+                print(f"  {arm} / reference images/s: {ratio:.2f}x")
+    if "fp32" in results and "bf16" in results:
+        print(f"  bf16 / fp32 images/s: {results['bf16']['images_per_s'] / results['fp32']['images_per_s']:.2f}x")
+    for arm in arms:
+        print(f"  {arm}: achieved / fp32 matmul FLOP/s: {100 * results[arm]['efficiency']:.1f} %")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
