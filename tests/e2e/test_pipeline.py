@@ -30,10 +30,19 @@ TINY_COUNTS = {"train": {"normal": 12, "squamous": 12}, "valid": {"normal": 4, "
 REPRO_TIMEOUT_S = 1200
 
 
+# Untracked files in these folders are copied too: in a shared working tree, a tracked module may
+# already import a new, not yet committed one. A fresh clone has none, so CI copies exactly the clone.
+CODE_FOLDERS = ("src/", "pipelines/", "serving/", "params/")
+
+
 def tracked_files(repo: Path) -> list[str]:
-    """The files a fresh clone would have, as they are in the working tree now."""
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
-    return [name for name in out.decode().split("\0") if name and (repo / name).is_file()]
+    """The files a fresh clone would have (plus new code files), as they are in the working tree now."""
+    def ls(*args: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", "-z", *args], cwd=repo, capture_output=True, check=True).stdout
+        return [name for name in out.decode().split("\0") if name and (repo / name).is_file()]
+
+    new_code = [name for name in ls("--others", "--exclude-standard") if name.startswith(CODE_FOLDERS)]
+    return sorted(set(ls()) | set(new_code))
 
 
 def copy_repository(source: Path, target: Path) -> None:
@@ -137,6 +146,12 @@ def test_sweep_summary_and_registered_champion(study):
     assert (registered["name"], registered["alias"]) == ("ctsynth-classifier", "champion")
     assert str(version.version) == str(registered["version"])
     assert version.tags.get("source_run_id") == champion["run_id"]
+    # the exported ONNX file over the prepared test split (the report's path) gives the champion's test metrics
+    from ctsynth.report import evaluate_onnx_on_split
+
+    evaluation = evaluate_onnx_on_split(repo / "models/classifier/model.onnx", repo / "data/prepared", "test", params["data"]["classes"])
+    for metric in ("accuracy", "balanced_accuracy", "roc_auc"):
+        assert evaluation.metrics[metric] == pytest.approx(champion["test"][metric], abs=1e-6), metric
 
 
 def test_report_is_self_contained_and_logged_to_the_sweep_parent_run(study):
@@ -213,3 +228,31 @@ def test_report_renders_in_headless_chromium(study, tmp_path):
     assert pixels.std() > 10, f"screenshot looks blank (std {pixels.std():.2f})"
     # the figures are drawn: a good share of the page is neither white nor near-white
     assert (pixels < 200).mean() > 0.02
+
+
+def test_dvc_shows_metrics_and_plots(study):
+    """`dvc metrics show` / `dvc plots diff` / `dvc exp show` (the README's comparison commands) read the outputs."""
+    repo, env, _, _ = study
+    metrics = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env).stdout
+    assert "metrics/summary.json" in metrics and "reports/synthetic/metrics.json" in metrics
+    plots = run([str(BIN / "dvc"), "plots", "diff", "--json"], repo, env).stdout
+    assert "plots/ratio_vs_metric.csv" in plots and "reports/gan/training_log.csv" in plots
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], repo, env).stdout)
+    assert shown, "dvc exp show listed nothing"
+
+
+def test_dvc_exp_run_with_a_changed_param_is_tracked_under_its_name(study):
+    """`dvc exp run -S` in the workspace: only the stages the param feeds rerun, and their MLflow run is
+    tagged with the experiment's name. Runs last: it changes the workspace's params.yaml."""
+    repo, env, _, _ = study
+    from mlflow import MlflowClient
+
+    result = run([str(BIN / "dvc"), "exp", "run", "-n", "blank02", "-S", "validate.blank_max_std=0.02", "validate"], repo, env)
+    assert "Running stage 'validate'" in result.stdout and "Running stage 'prepare'" not in result.stdout
+    assert yaml.safe_load((repo / "params.yaml").read_text())["validate"]["blank_max_std"] == 0.02
+    assert "blank02" in run([str(BIN / "dvc"), "exp", "show", "--json"], repo, env).stdout
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("ctsynth-data")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.dvc_exp_name = 'blank02'")
+    assert [r.data.tags.get("dvc_stage") for r in runs] == ["validate"]
+    assert runs[0].data.params["blank_max_std"] == "0.02"
