@@ -158,6 +158,9 @@ class GANTrainer:
             raise ValueError(f"batch {cfg.batch} does not split over {self.world_size} processes")
         self.batch_per_rank = cfg.batch // self.world_size
         self.device = torch.device(options.device)
+        if self.device.type == "cuda":
+            # Every minibatch has the same shapes: let cuDNN pick its fastest kernels once.
+            torch.backends.cudnn.benchmark = True
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.G, self.D = build_networks(cfg, self.device)

@@ -109,12 +109,17 @@ torch::Tensor bias_act_grad_cpu(torch::Tensor dy, torch::Tensor y, int64_t act, 
   return dx;
 }
 
+}  // namespace
+
 #ifdef CTSYNTH_WITH_CUDA
+// Defined in bias_act_cuda.cu (external linkage).
 torch::Tensor bias_act_forward_cuda(torch::Tensor x, const c10::optional<torch::Tensor>& b_opt, int64_t dim,
                                     int64_t act, double alpha, double gain, double clamp);
 torch::Tensor bias_act_grad_cuda(torch::Tensor dy, torch::Tensor y, int64_t act, double alpha, double gain,
                                  double clamp);
 #endif
+
+namespace {
 
 torch::Tensor bias_act_forward(torch::Tensor x, const c10::optional<torch::Tensor>& b, int64_t dim, int64_t act,
                                double alpha, double gain, double clamp) {

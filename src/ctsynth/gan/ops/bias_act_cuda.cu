@@ -2,7 +2,8 @@
 // One thread per element, grid-stride loop; arithmetic in float whatever the storage type.
 
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 namespace {
@@ -62,7 +63,7 @@ torch::Tensor bias_act_forward_cuda(torch::Tensor x, const c10::optional<torch::
   auto y = torch::empty_like(x);
   int64_t n = x.numel();
   if (n == 0) return y;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bias_act_forward_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), n, inner,
@@ -84,7 +85,7 @@ torch::Tensor bias_act_grad_cuda(torch::Tensor dy, torch::Tensor y, int64_t act,
   auto dx = torch::empty_like(y);
   int64_t n = y.numel();
   if (n == 0) return dx;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "bias_act_grad_cuda", [&] {
     grad_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), n, static_cast<int>(act),
