@@ -207,18 +207,3 @@ def test_speed_options_select_top_resolutions() -> None:
     assert all(b.channels_last for b in D.blocks.values())
     with pytest.raises(ValueError, match="num_bf16_res"):
         make_config("tiny", 32, num_bf16_res=-1)
-
-
-def test_stale_build_lock_of_a_killed_build_is_removed(tmp_path):
-    """A build killed mid-way leaves `lock`; torch would wait on it forever."""
-    import os
-    import time
-
-    from ctsynth.gan.ops.fused import remove_stale_build_lock
-
-    lock = tmp_path / "lock"
-    lock.touch()
-    assert not remove_stale_build_lock(tmp_path, max_age_s=60) and lock.exists()  # a live build
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
-    assert remove_stale_build_lock(tmp_path, max_age_s=60) and not lock.exists()

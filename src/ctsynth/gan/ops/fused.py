@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,24 +63,6 @@ def extension_status() -> str:
     return _status
 
 
-STALE_BUILD_LOCK_SECONDS = 900  # a build takes 1-2 minutes on 2 cores; 15 minutes means its owner died
-
-
-def remove_stale_build_lock(folder: Path, max_age_s: float = STALE_BUILD_LOCK_SECONDS) -> bool:
-    """torch's extension builder waits forever on the `lock` file of a build whose process was
-    killed (a SIGKILLed training run, say); an old lock is such a leftover, so remove it."""
-    lock = folder / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < max_age_s:
-        return False
-    log.warning("removing a stale extension build lock %s (%.0f s old: its build was interrupted)", lock, age)
-    lock.unlink(missing_ok=True)
-    return True
-
-
 def load_extension() -> Any | None:
     """The compiled module, or ``None`` (disabled, no compiler, or the build failed)."""
     global _extension, _status
@@ -100,7 +81,6 @@ def load_extension() -> Any | None:
             sources = [str(_SOURCES / "bias_act.cpp")] + ([str(_SOURCES / "bias_act_cuda.cu")] if cuda else [])
             folder = build_dir()
             folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_build_lock(folder)
             _extension = load(
                 name="ctsynth_bias_act_" + ("cuda" if cuda else "cpu"),
                 sources=sources,
