@@ -102,13 +102,9 @@ def upfirdn2d(
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, gain: float = 1.0) -> torch.Tensor:
     """As ``reference.upsample2d`` (centred, mean-preserving), through ``upfirdn2d`` above."""
-    fw = f.shape[-1]
-    p0, p1 = (fw + up - 1) // 2, (fw - up) // 2
-    return upfirdn2d(x, f, up=up, padding=(p0, p1, p0, p1), gain=gain * up * up)
+    return upfirdn2d(x, f, up=up, padding=reference.upsample_padding(f.shape[-1], up), gain=gain * up * up)
 
 
 def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2, gain: float = 1.0) -> torch.Tensor:
     """As ``reference.downsample2d`` (centred), through ``upfirdn2d`` above."""
-    fw = f.shape[-1]
-    p0, p1 = (fw - down + 1) // 2, (fw - down) // 2
-    return upfirdn2d(x, f, down=down, padding=(p0, p1, p0, p1), gain=gain)
+    return upfirdn2d(x, f, down=down, padding=reference.downsample_padding(f.shape[-1], down), gain=gain)

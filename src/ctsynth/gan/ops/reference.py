@@ -158,6 +158,18 @@ def _fir_along(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
     return y
 
 
+def upsample_padding(filter_taps: int, up: int) -> tuple[int, int, int, int]:
+    """Padding that keeps a ``up``-times upsampled, ``filter_taps``-filtered image centred."""
+    p0, p1 = (filter_taps + up - 1) // 2, (filter_taps - up) // 2
+    return (p0, p1, p0, p1)
+
+
+def downsample_padding(filter_taps: int, down: int) -> tuple[int, int, int, int]:
+    """Padding that keeps a ``filter_taps``-filtered, ``down``-times decimated image centred."""
+    p0, p1 = (filter_taps - down + 1) // 2, (filter_taps - down) // 2
+    return (p0, p1, p0, p1)
+
+
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, gain: float = 1.0) -> torch.Tensor:
     """Upsample by ``up`` with filter ``f``, centred, keeping the mean intensity.
 
@@ -165,16 +177,12 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, gain: float = 1.0)
     ``j`` sit at input coordinate ``(j + 0.5) / up - 0.5``: the image does not
     shift when it grows.
     """
-    fw = f.shape[-1]
-    p0, p1 = (fw + up - 1) // 2, (fw - up) // 2
-    return upfirdn2d(x, f, up=up, padding=(p0, p1, p0, p1), gain=gain * up * up)
+    return upfirdn2d(x, f, up=up, padding=upsample_padding(f.shape[-1], up), gain=gain * up * up)
 
 
 def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2, gain: float = 1.0) -> torch.Tensor:
     """Low-pass filter and decimate by ``down``, centred (output ``i`` at input ``down*i + (down-1)/2``)."""
-    fw = f.shape[-1]
-    p0, p1 = (fw - down + 1) // 2, (fw - down) // 2
-    return upfirdn2d(x, f, down=down, padding=(p0, p1, p0, p1), gain=gain)
+    return upfirdn2d(x, f, down=down, padding=downsample_padding(f.shape[-1], down), gain=gain)
 
 
 def bias_act(
