@@ -1,0 +1,137 @@
+"""How fast does a GAN preset learn the embedded data? KID and a grid every few kimg.
+
+Trains one StyleGAN2-ADA variant (a preset plus ``--set`` overrides, conditional on the data's
+classes) on the prepared training split and, every ``--eval-kimg``, generates
+``--per-class`` images per class from G_ema and measures KID and the Fréchet distance in the
+offline pixel-PCA feature space of ``validate_synthetic`` (fitted on train half A; the
+real-vs-real floor is train half B against half A). Writes ``convergence.csv`` and one grid
+per evaluation into ``--out``. Used to choose the CPU preset and its training length: the
+quality per kimg is the same on any device, so several variants can be compared quickly on a
+GPU and then priced with ``benchmarks/gan_throughput.py`` on the CPU.
+
+    PYTHONPATH=src python benchmarks/gan_convergence.py --data data/prepared --out /tmp/conv/cpu64 \\
+        --preset cpu64 --kimg 20 --eval-kimg 2
+    PYTHONPATH=src python benchmarks/gan_convergence.py --data data/prepared --out /tmp/conv/lr5 \\
+        --preset cpu64 --set lr=0.005 --device cuda --kimg 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctsynth.gan.presets import make_config
+from ctsynth.gan.train import (
+    GANTrainer, TrainOptions, fixed_seed_grid, load_training_data, one_hot, save_image_grid,
+)
+from ctsynth.metrics.features import PixelPCAFeatures
+from ctsynth.metrics.frechet import frechet_distance
+from ctsynth.metrics.kid import kernel_inception_distance
+
+log = logging.getLogger("gan_convergence")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+@torch.no_grad()
+def sample(G: torch.nn.Module, per_class: int, c_dim: int, z_dim: int, device: torch.device, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """per_class images of each class from G (random noise, psi 1), as N x 1 x R x R in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for class_id in range(c_dim):
+        for start in range(0, per_class, 100):
+            n = min(100, per_class - start)
+            z = torch.randn(n, z_dim, generator=generator).to(device)
+            c = one_hot(torch.full((n,), class_id, dtype=torch.long), c_dim).to(device)
+            images.append(G(z, c, noise_mode="random").float().clamp(-1, 1).cpu().numpy())
+            labels.append(np.full(n, class_id))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", default="cpu64")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--classes", default="normal,squamous")
+    parser.add_argument("--kimg", type=float, default=20.0)
+    parser.add_argument("--eval-kimg", type=float, default=2.0)
+    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--deadline-s", type=float, default=None, help="stop after the evaluation that passes this wall time")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    classes = args.classes.split(",")
+    cfg = make_config(args.preset, args.resolution, **(parse_overrides(args.overrides) | {"c_dim": len(classes)}))
+    data = load_training_data(args.data, classes, args.resolution)
+    train_images, train_labels = data.images.numpy(), data.labels.numpy()
+    rng = np.random.default_rng(0)
+    half = np.zeros(len(train_images), bool)
+    half[rng.permutation(len(train_images))[: (len(train_images) + 1) // 2]] = True
+    features = PixelPCAFeatures.fit(train_images[half])
+    reference, floor_set = features(train_images[half]), features(train_images[~half])
+    floor_kid = kernel_inception_distance(reference, floor_set, 100, 1000, 0)[0]
+    floor_fd = frechet_distance(reference, floor_set)
+    # The pixel-PCA block alone: the intensity statistics of a poor generator dominate the full KID.
+    n_pca = int(features.pca.n_components_)
+    floor_kid_pca = kernel_inception_distance(reference[:, :n_pca], floor_set[:, :n_pca], 100, 1000, 0)[0]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    trainer = GANTrainer(cfg, data, TrainOptions(out_dir=args.out, classes=classes, mlflow=False, progress=False, device=args.device))
+    rows, start, train_s = [], time.perf_counter(), 0.0
+    eval_nimg = int(args.eval_kimg * 1000)
+    next_eval = eval_nimg
+    total = int(args.kimg * 1000)
+    with open(args.out / "convergence.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["kimg", "train_s", "kid", "kid_floor", "kid_pca", "kid_pca_floor", "frechet", "frechet_floor", "ada_p", "g_loss", "d_loss"])
+        while trainer.cur_nimg < total:
+            t0 = time.perf_counter()
+            trainer._train_step()
+            train_s += time.perf_counter() - t0
+            if trainer.cur_nimg < next_eval and trainer.cur_nimg < total:
+                continue
+            next_eval += eval_nimg
+            stats = trainer._tick_record()
+            fake, _ = sample(trainer.G_ema, args.per_class, cfg.c_dim, cfg.z_dim, trainer.device, seed=1)
+            fake_features = features(fake)
+            kid = kernel_inception_distance(reference, fake_features, 100, 1000, 0)[0]
+            kid_pca = kernel_inception_distance(reference[:, :n_pca], fake_features[:, :n_pca], 100, 1000, 0)[0]
+            fd = frechet_distance(reference, fake_features)
+            row = [trainer.cur_nimg / 1000, round(train_s, 1), kid, floor_kid, kid_pca, floor_kid_pca, fd, floor_fd,
+                   stats["ADA/p"], stats.get("Loss/G/loss", float("nan")), stats.get("Loss/D/loss", float("nan"))]
+            writer.writerow(row)
+            f.flush()
+            rows.append(row)
+            save_image_grid(fixed_seed_grid(trainer.G_ema, cfg, len(classes)), args.out / f"grid-{trainer.cur_nimg // 1000:04d}kimg.png")
+            log.info("kimg %.1f  train %.0f s  KID %.4g (floor %.3g)  pixel KID %.4g (floor %.3g)  p %.3f",
+                     row[0], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row[8])
+            if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+                log.info("deadline reached at kimg %.1f", row[0])
+                break
+
+
+if __name__ == "__main__":
+    main()
