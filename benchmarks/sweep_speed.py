@@ -4,8 +4,11 @@ The reference-study classifier (ResNet50 frozen, reference head, 224 px, batch 2
 5 epochs) trains `--ratios x --seeds` sweep items twice on the same images:
   uncached: the frozen backbone runs on every image in every epoch (and for every evaluation);
   cached:   features are computed once per image (FeatureCache) and every item trains its head on them.
-ImageNet weights are not on this offline machine, so `--weights none` (the default) uses a random
-frozen ResNet50: the speed-up depends on the work done, not on the weight values.
+ImageNet weights are not on this offline machine, so by default (`--weights random-file`) one
+random ResNet50 is written to a weights file first and every run loads it, as every run of the
+reference study loads the same ImageNet file: the speed-up depends on the work done, not on the
+weight values. (`--weights none` gives each seed its own random backbone, so each seed fills its
+own cache entries.)
 
     python benchmarks/sweep_speed.py                       # ~ a few minutes on 2 CPU cores
     python benchmarks/sweep_speed.py --prepared data/prepared --synthetic data/synthetic --train 300
@@ -72,7 +75,7 @@ def run_sweep(params: ClassifierParams, prepared: Path, synthetic: Path, ratios,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default="none", help="none (default), imagenet, or a file")
+    parser.add_argument("--weights", default="random-file", help="random-file (default), none, imagenet, or a file")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train", type=int, default=16, help="real training images (half per class)")
@@ -87,8 +90,16 @@ def main() -> None:
             prepared, synthetic = Path(args.prepared), Path(args.synthetic)
         else:
             prepared, synthetic = make_data(root, args.train, args.eval)
+        weights = args.weights
+        if weights == "random-file":
+            import torch
+            from torchvision import models
+
+            torch.manual_seed(0)
+            weights = str(root / "resnet50-random.pth")
+            torch.save(models.resnet50(weights=None).state_dict(), weights)
         params = ClassifierParams(
-            backbone="resnet50", weights=args.weights, freeze_backbone=True, head="reference", resolution=224,
+            backbone="resnet50", weights=weights, freeze_backbone=True, head="reference", resolution=224,
             batch_size=20, learning_rate=0.005, weight_decay=0.0, epochs=5, patience=5, augment=False,
             feature_cache=str(root / "features"),
         )

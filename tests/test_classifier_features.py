@@ -36,6 +36,39 @@ def test_weights_from_a_path_load_and_grey_input_stays_one_channel(tmp_path):
         create_backbone("vgg16", "none")
 
 
+def test_weights_file_is_hashed_once_per_process_and_a_rewritten_file_is_a_new_key(tmp_path):
+    from torchvision import models
+
+    from ctsynth.classifier import backbones
+
+    path = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(models.resnet18(weights=None).state_dict(), path)
+    first = create_backbone("resnet18", str(path), freeze=True)
+    reads = backbones._read_state_dict.cache_info().misses
+    second = create_backbone("resnet18", str(path), freeze=True)
+    assert backbones._read_state_dict.cache_info().misses == reads  # served from memory, not re-read
+    assert first.weights_fingerprint() == second.weights_fingerprint()
+    assert torch.equal(first.body.layer1[0].conv1.weight, second.body.layer1[0].conv1.weight)
+    second.body.conv1.weight.data.add_(1.0)  # a caller's module is its own copy: the cache is untouched
+    assert torch.equal(create_backbone("resnet18", str(path)).body.conv1.weight, first.body.conv1.weight)
+
+    torch.manual_seed(1)
+    torch.save(models.resnet18(weights=None).state_dict(), path)
+    import os
+
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    rewritten = create_backbone("resnet18", str(path), freeze=True)
+    assert rewritten.weights_fingerprint() != first.weights_fingerprint()
+    assert not torch.equal(rewritten.body.conv1.weight, first.body.conv1.weight)
+
+    # a backbone that trains is hashed from its current tensors, not from the file it started from
+    trainable = create_backbone("resnet18", str(path), freeze=False)
+    before = trainable.weights_fingerprint()
+    trainable.body.conv1.weight.data.add_(1.0)
+    assert trainable.weights_fingerprint() != before
+
+
 def test_scratch_resnet_takes_the_grey_channel_directly():
     backbone = create_backbone("resnet34", "none")
     assert backbone.body.conv1.in_channels == 1

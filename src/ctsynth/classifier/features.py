@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctsynth.classifier.backbones import Backbone, state_fingerprint
+from ctsynth.classifier.backbones import Backbone
 from ctsynth.classifier.precision import inference_mode, prepare_for_inference, to_inference_input
 from ctsynth.data.mixing import ImageItem
 from ctsynth.data.preprocess import preprocess_bytes
@@ -71,7 +71,7 @@ class FeatureCache:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        self.key = backbone_key(self.backbone.name, state_fingerprint(self.backbone), self.resolution, self.precision)
+        self.key = backbone_key(self.backbone.name, self.backbone.weights_fingerprint(), self.resolution, self.precision)
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "key.json"
         if not meta.exists():  # for a person browsing the cache
@@ -137,7 +137,7 @@ def decide_feature_precision(
 
     identity = {
         "backbone": backbone.name,
-        "weights": state_fingerprint(backbone),
+        "weights": backbone.weights_fingerprint(),
         "resolution": resolution,
         "valid": sorted(file_sha256(item.path) for item in valid_items),
         "requested": requested,
