@@ -53,7 +53,7 @@ ext = fused.load_extension()
 print(fused.extension_status(), f"({time.time() - t0:.0f} s)")
 assert ext is not None and "cuda" in fused.extension_status(), "CUDA kernels not built"
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)):
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
     for channels_last in (False, True):
         x = torch.randn(4, 32, 16, 16, device="cuda", dtype=dtype)
         if channels_last:
@@ -65,9 +65,12 @@ for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16
         dy = torch.randn_like(y)
         gx, gb = torch.autograd.grad(y, [x, b], dy)
         rx, rb = torch.autograd.grad(r, [x, b], dy)
-        errs = [(y - r).abs().max().item(), (gx - rx).abs().max().item(), ((gb - rb).abs().max() / rb.abs().max()).item()]
-        print(f"cuda bias_act {dtype} channels_last={channels_last}: max errors fwd/dx/db(rel) {errs}")
-        assert max(errs) < tol * 10, errs
+        # Relative to the largest reference value: bf16 keeps 8 bits of mantissa, so an absolute
+        # tolerance would fail on any output larger than ~1 while the op is exact to its precision.
+        rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+        errs = [rel(y, r), rel(gx, rx), rel(gb, rb)]
+        print(f"cuda bias_act {dtype} channels_last={channels_last}: max relative errors fwd/dx/db {errs}")
+        assert max(errs) < tol, errs
 print("CUDA parity of the fused op: ok")
 EOF
 $PY -m pytest -q tests/test_gan_ops.py || status=1
