@@ -10,7 +10,7 @@ reference study loads the same ImageNet file: the speed-up depends on the work d
 weight values. (`--weights none` gives each seed its own random backbone, so each seed fills its
 own cache entries.)
 
-    python benchmarks/sweep_speed.py                       # ~ a few minutes on 2 CPU cores
+    python benchmarks/sweep_speed.py                       # 25 runs; ~ a few minutes on 2 CPU cores
     python benchmarks/sweep_speed.py --prepared data/prepared --synthetic data/synthetic --train 300
 """
 
@@ -76,8 +76,9 @@ def run_sweep(params: ClassifierParams, prepared: Path, synthetic: Path, ratios,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="random-file", help="random-file (default), none, imagenet, or a file")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    # The default sweep's shape (5 ratios x 5 seeds): the cache pays once, the uncached sweep per run.
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--train", type=int, default=16, help="real training images (half per class)")
     parser.add_argument("--eval", type=int, default=4, help="validation and test images each")
     parser.add_argument("--prepared", default=None, help="use this prepared folder instead of generated images")
