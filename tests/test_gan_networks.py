@@ -327,8 +327,7 @@ def test_fixed_presets_match_the_table() -> None:
     assert c.style_mixing_prob == 0.0 and s.style_mixing_prob == 0.9
     cpu = make_config("cpu64", 64)
     assert (cpu.channel_base, cpu.channel_max, cpu.map_layers, cpu.z_dim, cpu.w_dim) == (1024, 128, 2, 256, 256)
-    assert (cpu.pl_weight, cpu.style_mixing_prob, cpu.ada_kimg) == (0.0, 0.0, 100.0)
-    assert cpu.gamma == pytest.approx(0.0002 * 64**2 / cpu.batch)
+    assert (cpu.pl_weight, cpu.style_mixing_prob, cpu.ada_kimg, cpu.gamma) == (0.0, 0.0, 100.0, 1.0)
 
 
 def test_overrides_and_errors() -> None:

@@ -137,17 +137,18 @@ def _cifar(resolution: int, gpus: int) -> dict[str, Any]:
 
 
 def _cpu64(resolution: int, gpus: int) -> dict[str, Any]:
-    # The embedded default on 2 CPU cores: ~20 kimg in ~11 minutes must give chest slices. Chosen by
+    # The embedded default on 2 CPU cores: ~20 kimg in ~10 minutes must give chest slices. Chosen by
     # benchmarks/gan_convergence.py (README "GAN" has the runs): channels 128 at 4-8 px down to 16
     # at 64 px (~3x cheaper per image than channel_base 2048, the same quality per kimg); no path
     # length or style mixing, as the ADA paper's CIFAR setting (cheaper steps; at this length they
     # made no visible difference); ADA's p allowed to move 5x faster than the paper's 500 kimg,
     # because D over-fits 300 images within a few kimg and p must be able to follow in 20 kimg
-    # (with ada_kimg 500 the samples collapsed to one image).
+    # (with ada_kimg 500 the samples collapsed to one image); R1 gamma 1 instead of the auto
+    # formula's 0.05, which let D run away at ~18 kimg and G fall apart into noise.
     batch = 16
     return {
         "batch": batch, "mbstd": 4, "channel_base": 1024, "channel_max": 128, "map_layers": 2,
-        "z_dim": 256, "w_dim": 256, "lr": 0.0025, "gamma": 0.0002 * resolution**2 / batch,
+        "z_dim": 256, "w_dim": 256, "lr": 0.0025, "gamma": 1.0,
         "ema_kimg": batch * 10 / 32, "ema_rampup": 0.05, "style_mixing_prob": 0.0, "pl_weight": 0.0,
         "ada_kimg": 100.0, "kimg": 20.0, "snap": 2.0,
     }
