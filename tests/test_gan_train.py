@@ -200,7 +200,10 @@ def test_tiny_gan_learns_a_two_class_distribution(tmp_path):
     torch.set_num_threads(2)
     root = write_two_class_set(tmp_path / "prepared", per_class=64)
     data = load_training_data(root, CLASSES, 32)
-    cfg = make_config("tiny", 32, kimg=1.2, snap=1.2, c_dim=2, seed=0, batch=8, mbstd=4)
+    # 2.4 kimg: measured over seeds 0/1/2 at 2.0 kimg the accuracy was 0.93/0.81/1.00, at 2.4 kimg
+    # 0.93/0.86 (seeds 0/1); at 1.2 kimg it depended on float rounding (0.68 once the CPU
+    # bias_act switched from our kernel to PyTorch's ops, same maths).
+    cfg = make_config("tiny", 32, kimg=2.4, snap=2.4, c_dim=2, seed=0, batch=8, mbstd=4)
     train_gan_models(cfg, data, options(tmp_path / "gan"), per_class=False)
     manifest = generate_images(tmp_path / "gan", tmp_path / "syn", CLASSES, per_class=40, seed=1, progress=False)
 

@@ -9,16 +9,13 @@ dvc_exp_name tag that ctsynth.tracking sets from DVC_EXP_NAME. Only the `prepare
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
+from _mlflow_server import mlflow_server as start_mlflow_server  # tests/e2e/_mlflow_server.py
 from test_pipeline import BIN, init_tiny_repository, pipeline_env, run  # tests/e2e/test_pipeline.py
 
 pytestmark = pytest.mark.e2e
@@ -27,46 +24,11 @@ QUEUE_TIMEOUT_S = 600
 EXPERIMENTS = {"tiny-res32": 32, "tiny-res24": 24}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts served from a folder): its URL."""
-    port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "wb")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "mlartifacts"), "--serve-artifacts"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"mlflow server exited {process.returncode}: {(tmp_path / 'mlflow-server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("mlflow server not healthy after 120 s")
-            time.sleep(0.5)
+    with start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as url:
         yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 def _queue_states(repo: Path, env: dict[str, str]) -> list[tuple[str, str]]:

@@ -13,35 +13,24 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
+from _mlflow_server import free_port, mlflow_server  # tests/e2e/_mlflow_server.py
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 DATABASE = "mlflow"
 
 
 def _postgres_bin(name: str) -> str | None:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def postgres():
         user = pwd.getpwnam("postgres")
         os.chown(folder, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     try:
         subprocess.run([*as_user, initdb, "-D", str(data), "-U", "ctsynth", "-A", "trust", "--no-sync"],
                        check=True, capture_output=True, timeout=120)
@@ -78,39 +67,11 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres, tmp_path_factory):
+def server_on_postgres(postgres, tmp_path_factory):
     """`mlflow server` on PostgreSQL, artifacts in a folder it serves: (URL, artifact folder, database URI)."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(folder / "server.log", "wb")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", postgres.replace("postgresql://", "postgresql+psycopg2://"), "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"mlflow server exited {process.returncode}: {(folder / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("mlflow server on PostgreSQL not healthy after 180 s")
-            time.sleep(0.5)
-        yield url, folder / "artifacts", postgres
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    with mlflow_server(postgres.replace("postgresql://", "postgresql+psycopg2://"), folder, workers=2) as url:
+        yield url, folder / "mlartifacts", postgres
 
 
 RESOLUTION = 16
@@ -152,14 +113,14 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_workers_share_one_server_on_postgresql_and_the_champion_is_registered(mlflow_server, tmp_path, monkeypatch):
+def test_workers_share_one_server_on_postgresql_and_the_champion_is_registered(server_on_postgres, tmp_path, monkeypatch):
     import psycopg2
     from mlflow import MlflowClient
 
     from ctsynth import tracking
     from ctsynth.registry import load_champion, register_champion
 
-    url, artifact_folder, database_uri = mlflow_server
+    url, artifact_folder, database_uri = server_on_postgres
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     with tracking.start_run(tracking.EXPERIMENT_CLASSIFIER, "sweep-parent", tags={"sweep_id": "scaleout-test"}) as parent:
         parent_id = parent.info.run_id
