@@ -113,16 +113,12 @@ def imagenet_checkpoint_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def _load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path, what: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights file's state_dict and the sha256 of its tensors."""
     if not path.is_file():
         raise WeightsNotFoundError(f"{what}: weights file {path} does not exist")
     stat = path.stat()
-    return _read_state_dict(str(path.resolve()), stat.st_size, stat.st_mtime_ns, what)[0]
-
-
-def _state_dict_fingerprint(path: Path, what: str) -> str:
-    stat = path.stat()
-    return _read_state_dict(str(path.resolve()), stat.st_size, stat.st_mtime_ns, what)[1]
+    return _read_state_dict(str(path.resolve()), stat.st_size, stat.st_mtime_ns, what)
 
 
 @functools.lru_cache(maxsize=2)
@@ -171,13 +167,14 @@ def _resnet(name: str, weights: str, in_chans: int, structure_only: bool = False
     else:
         path = Path(weights)
         what = f"classifier.weights={weights} ({name})"
-    state = {k: v for k, v in _load_state_dict(path, what).items() if not k.startswith("fc.")}
+    loaded, fingerprint = _load_state_dict(path, what)
+    state = {k: v for k, v in loaded.items() if not k.startswith("fc.")}
     net.to_empty(device="cpu")
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{what}: {path} does not fit torchvision's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     adapter = GreyToImageNet() if in_chans == 1 else None
-    return Backbone(name, net, out_features, adapter=adapter, source_fingerprint=_state_dict_fingerprint(path, what))
+    return Backbone(name, net, out_features, adapter=adapter, source_fingerprint=fingerprint)
 
 
 def _small_cnn(weights: str, in_chans: int, structure_only: bool = False) -> Backbone:
@@ -185,7 +182,7 @@ def _small_cnn(weights: str, in_chans: int, structure_only: bool = False) -> Bac
     if weights == "imagenet":
         raise ValueError("classifier.weights=imagenet: there are no ImageNet weights for smallcnn; use a resnet or 'none'")
     if weights != "none" and not structure_only:
-        state = _load_state_dict(Path(weights), f"classifier.weights={weights} (smallcnn)")
+        state, _ = _load_state_dict(Path(weights), f"classifier.weights={weights} (smallcnn)")
         body.load_state_dict(state)
     return Backbone(SMALL_CNN, body, body.out_features, adapter=None)
 

@@ -7,8 +7,9 @@ padding is mirrored), so it runs as one autograd node whose forward is the refer
 without autograd bookkeeping and whose backward (and double backward) is itself -- instead of
 dozens of slice / pad nodes whose backwards each allocate and fill a full-size zero tensor.
 ``CTSYNTH_FUSED_OPS=0`` forces the plain reference for both; the fused ``bias_act`` runs on CUDA
-tensors by default and on the CPU only with ``CTSYNTH_FUSED_OPS=1`` (measured slower there). Callers import from here, never
-from ``reference`` or ``fused`` directly, so that choice stays in one place.
+tensors by default and on the CPU only with ``CTSYNTH_FUSED_OPS=1`` (measured slower there).
+Callers import from here, never from ``reference`` or ``fused`` directly, so that choice stays in
+one place.
 """
 
 from __future__ import annotations
