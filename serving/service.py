@@ -1,12 +1,22 @@
 """BentoML service: the champion classifier behind `POST /predict`.
 
-Two services, one process tree (`bentoml serve serving.service:CTSynthClassifier`):
+One service, one process (`bentoml serve serving.service:CTSynthClassifier`):
 
-    CTSynthClassifier   HTTP front: checks the upload, decodes and preprocesses it with
-                        ctsynth.data.preprocess (the function training used), turns logits into
-                        probabilities. Bad input gets a 4xx JSON error, never a crash.
-    OnnxModel           holds the onnxruntime session; `logits` is `batchable=True`, so BentoML's
-                        adaptive batcher merges concurrent requests into one batch.
+    POST /predict   multipart field `image` (PNG, JPEG, DICOM): the upload is checked and parsed
+                    once, decoded and preprocessed with ctsynth.data.preprocess (the function
+                    training used), and its model input joins the next batch of the in-process
+                    adaptive batcher (serving/batching.py); the answer is the softmax over the
+                    classes. Bad input gets a 4xx JSON error, never a crash.
+    POST /logits    the array path: preprocessed float32 N x 1 x R x R in, logits out;
+                    `batchable=True`, so BentoML's adaptive batcher merges concurrent requests.
+    POST /model     which model answers, and how many images ran in how many batches.
+
+/predict is a FastAPI route mounted on the BentoML service rather than a `@bentoml.api`: that API
+layer parses the multipart body a second time and writes every upload to a temporary file, and
+with the model in a second service each image crossed two processes. On 2 cores that capped the
+service at ~0.22 of the model's in-process throughput (README, Serving). BentoML still runs the
+server: workers, traffic limits, /livez, /readyz, /metrics, tracing, access logs, and the OpenAPI
+document, into which the FastAPI route is merged.
 
 The model is `models:/ctsynth-classifier@champion` from the MLflow store ($MLFLOW_TRACKING_URI, or
 the repository's mlflow.db), or the ONNX file named by $CTSYNTH_ONNX_MODEL (a bundle built
@@ -19,9 +29,9 @@ Settings (environment variables):
     CTSYNTH_MAX_PIXELS        largest accepted image, width x height (default 40 M) -> 400 beyond it
     CTSYNTH_ORT_DEVICE        auto (default: CUDA when a driver is present, else CPU) | cpu | cuda
     CTSYNTH_ORT_THREADS       onnxruntime intra-op threads (default: onnxruntime's choice)
-    CTSYNTH_MAX_BATCH_SIZE    adaptive batching: largest batch (default 64)
-    CTSYNTH_MAX_LATENCY_MS    adaptive batching: latency budget (default 1000). BentoML scales its
-                              first guesses of the batch cost from it, and sheds requests (503)
+    CTSYNTH_MAX_BATCH_SIZE    adaptive batching, both paths: largest batch (default 64)
+    CTSYNTH_MAX_LATENCY_MS    /logits only: BentoML's latency budget (default 1000). BentoML scales
+                              its first guesses of the batch cost from it, and sheds requests (503)
                               that would queue longer than this
 """
 
@@ -29,15 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from http import HTTPStatus
+import gc
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import InvalidArgument
+from bentoml.validators import DType
 
 try:
     import ctsynth  # noqa: F401  (installed: `make install` / `pip install -e .`)
@@ -45,13 +57,15 @@ except ImportError:  # inside a bento built from serving/bentofile.yaml the sour
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from ctsynth.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, is_dicom, preprocess_bytes
 from ctsynth.export import INPUT_NAME, OUTPUT_NAME
+from serving.batching import ContinuousBatcher
 
 log = logging.getLogger("ctsynth.serving")
 
@@ -60,7 +74,10 @@ PREDICT_PATH = "/predict"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Requests up to this much over the image itself are multipart framing, not image bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-CONNECTION_RETRIES = 2
+# Uploads up to this size are decoded on the event loop (a 64 px PNG: ~0.1 ms, cheaper than the
+# hop to a thread); larger ones, a 512 x 512 DICOM or a big JPEG, in a thread so that they do not
+# stall the other requests.
+INLINE_DECODE_MAX_BYTES = 64 * 1024
 BUNDLED_MODEL = "models/classifier/model.onnx"  # what serving/bentofile.yaml packs into a bento
 
 
@@ -179,166 +196,47 @@ def check_model_available(settings: ServingSettings) -> str:
         raise SystemExit(f"ctsynth serving cannot start: {exc}") from exc
 
 
-@bentoml.service(
-    name="ctsynth_onnx_model",
-    workers=1,
-    traffic={"timeout": 30, "max_concurrency": 1024},
-)
-class OnnxModel:
-    """The onnxruntime session; `logits` is batched adaptively across concurrent requests."""
-
-    @bentoml.on_deployment
-    def _check_model() -> None:
-        # Runs once in the `bentoml serve` process before workers start: without a model the
-        # server exits with this message instead of restarting a failing worker forever.
-        _log_ctsynth_at_info()
-        log.info("will serve %s", check_model_available(SETTINGS))
-
-    def __init__(self) -> None:
-        _log_ctsynth_at_info()
-        self.model = _load_model(SETTINGS)
-        self.session = _make_session(self.model.onnx_bytes, SETTINGS)
-        log.info(
-            "serving %s version %s (%s): classes %s, %d px, onnxruntime providers %s",
-            self.model.name,
-            self.model.version,
-            self.model.source,
-            self.model.classes,
-            self.model.resolution,
-            self.session.get_providers(),
-        )
-        self.batches = 0  # adaptive batching at work: images / batches is the mean batch size
-        self.images = 0
-        # First run allocates; do it now rather than in the first request.
-        self.session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((1, 1, self.model.resolution, self.model.resolution), np.float32)})
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """float32 N x 1 x R x R (preprocessed) -> N x C logits."""
-        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
-        self.batches += 1
-        self.images += len(images)
-        return logits
-
-    @bentoml.api
-    def model_info(self) -> dict[str, Any]:
-        return {
-            "name": self.model.name,
-            "version": self.model.version,
-            "classes": self.model.classes,
-            "resolution": self.model.resolution,
-            "source": self.model.source,
-            "providers": self.session.get_providers(),
-            "batches": self.batches,
-            "images": self.images,
-        }
-
 
 # ----------------------------------------------------------------------------------------------
-# Request guard: every check that must happen before BentoML parses the multipart body.
+# Reading the upload: every check that must happen before the image is decoded.
+
+
+class RequestRejected(Exception):
+    """A request we answer with a 4xx JSON error; `response` is that answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.response = _error(status, code, message)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "code": code}, status_code=status)
 
 
-class PredictRequestGuard:
-    """ASGI middleware for POST /predict: byte limit, content type, exactly one `image` file part.
+def _too_large(max_upload_bytes: int) -> RequestRejected:
+    return RequestRejected(
+        413,
+        "too_large",
+        f"request body exceeds the limit of {max_upload_bytes} bytes for the image (set CTSYNTH_MAX_UPLOAD_BYTES to change it)",
+    )
 
-    BentoML's own multipart handling would spool an unlimited body to disk, treat a text field
-    called `image` as a URL to download, and answer a misnamed binary field with a 500; this
-    guard answers all of those with a 4xx JSON error before the body reaches it. The body is
-    buffered (at most max_upload_bytes) and replayed to the application unchanged.
-    """
 
-    def __init__(self, app: Any, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
-        self.app = app
-        self.max_upload_bytes = max_upload_bytes
-        self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") != PREDICT_PATH or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        rejection, body = await self._check(headers, scope, receive)
-        if rejection is not None:
-            await rejection(scope, _drained(receive), send)
-            return
-        await self.app(scope, _replay(body), send)
-
-    async def _check(self, headers: dict[str, str], scope: dict, receive: Any) -> tuple[JSONResponse | None, bytes]:
-        too_large = _error(
-            413,
-            "too_large",
-            f"request body exceeds the limit of {self.max_upload_bytes} bytes for the image "
-            f"(set CTSYNTH_MAX_UPLOAD_BYTES to change it)",
-        )
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return too_large, b""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return _error(400, "incomplete_body", "the client disconnected before sending the whole body"), b""
-            chunk = message.get("body", b"")
+async def _read_body(request: Request, max_upload_bytes: int) -> bytes:
+    """The whole body, refused as soon as it passes the limit (a declared Content-Length first)."""
+    limit = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(max_upload_bytes)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_body_bytes:
-                return too_large, b""
+            if size > limit:
+                raise _too_large(max_upload_bytes)
             chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if not body:
-            return _error(400, "empty_body", f"empty request body: send multipart/form-data with a file field '{IMAGE_FIELD}'"), b""
-        content_type = headers.get("content-type", "")
-        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
-            return (
-                _error(
-                    415,
-                    "unsupported_media_type",
-                    f"Content-Type is {content_type or 'missing'!r}; send multipart/form-data with a file field "
-                    f"'{IMAGE_FIELD}' (curl -F {IMAGE_FIELD}=@slice.png ...)",
-                ),
-                b"",
-            )
-        request = Request(scope, _replay(body))
-        try:
-            form = await request.form(max_files=4, max_fields=16)
-        except Exception as exc:  # starlette raises MultiPartException / ValueError / KeyError on garbage
-            return _error(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}"), b""
-        try:
-            fields = list(form.keys())
-            images = form.getlist(IMAGE_FIELD)
-            others = sorted({k for k in fields if k != IMAGE_FIELD})
-            if not images:
-                return (
-                    _error(
-                        400,
-                        "missing_field",
-                        f"multipart field '{IMAGE_FIELD}' is missing (got fields {others}); send the file as '{IMAGE_FIELD}'",
-                    ),
-                    b"",
-                )
-            if others:
-                return _error(400, "unexpected_field", f"unexpected multipart fields {others}; send only '{IMAGE_FIELD}'"), b""
-            if len(images) > 1:
-                return _error(400, "too_many_files", f"{len(images)} files in field '{IMAGE_FIELD}'; send one image per request"), b""
-            if not isinstance(images[0], UploadFile):
-                return (
-                    _error(
-                        400,
-                        "not_a_file",
-                        f"field '{IMAGE_FIELD}' is a text value, not a file upload (curl -F {IMAGE_FIELD}=@slice.png: note the @)",
-                    ),
-                    b"",
-                )
-            if images[0].size is not None and images[0].size > self.max_upload_bytes:
-                return too_large, b""
-        finally:
-            await form.close()
-        return None, body
+    except ClientDisconnect:
+        raise RequestRejected(400, "incomplete_body", "the client disconnected before sending the whole body") from None
+    return b"".join(chunks)
 
 
 def _replay(body: bytes):
@@ -354,32 +252,51 @@ def _replay(body: bytes):
     return receive
 
 
-def _drained(receive: Any):
-    async def nothing() -> dict:
-        return {"type": "http.disconnect"}
+async def read_image_upload(request: Request, max_upload_bytes: int) -> bytes:
+    """The bytes of the one file in multipart field `image`, or RequestRejected saying what is wrong.
 
-    return nothing
-
-
-# ----------------------------------------------------------------------------------------------
-# The HTTP front.
-
-
-class ModelRef(BaseModel):
-    name: str
-    version: str
-
-
-class Prediction(BaseModel):
-    label: str = Field(description="the most probable class")
-    probabilities: dict[str, float] = Field(description="softmax probability per class")
-    model: ModelRef
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
-    exp = np.exp(shifted)
-    return exp / exp.sum()
+    Checked here, because a generic multipart parser would not: the byte limit while the body
+    arrives, the content type, exactly one part and it named `image`, and a file rather than a
+    text value (a text `image` holding a URL must never be fetched).
+    """
+    body = await _read_body(request, max_upload_bytes)
+    if not body:
+        raise RequestRejected(400, "empty_body", f"empty request body: send multipart/form-data with a file field '{IMAGE_FIELD}'")
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        raise RequestRejected(
+            415,
+            "unsupported_media_type",
+            f"Content-Type is {content_type or 'missing'!r}; send multipart/form-data with a file field "
+            f"'{IMAGE_FIELD}' (curl -F {IMAGE_FIELD}=@slice.png ...)",
+        )
+    try:
+        form = await Request(request.scope, _replay(body)).form(max_files=4, max_fields=16)
+    except Exception as exc:  # starlette raises MultiPartException / ValueError / KeyError on garbage
+        raise RequestRejected(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+    try:
+        images = form.getlist(IMAGE_FIELD)
+        others = sorted({k for k in form.keys() if k != IMAGE_FIELD})
+        if not images:
+            raise RequestRejected(
+                400, "missing_field", f"multipart field '{IMAGE_FIELD}' is missing (got fields {others}); send the file as '{IMAGE_FIELD}'"
+            )
+        if others:
+            raise RequestRejected(400, "unexpected_field", f"unexpected multipart fields {others}; send only '{IMAGE_FIELD}'")
+        if len(images) > 1:
+            raise RequestRejected(400, "too_many_files", f"{len(images)} files in field '{IMAGE_FIELD}'; send one image per request")
+        upload = images[0]
+        if not isinstance(upload, UploadFile):
+            raise RequestRejected(
+                400,
+                "not_a_file",
+                f"field '{IMAGE_FIELD}' is a text value, not a file upload (curl -F {IMAGE_FIELD}=@slice.png: note the @)",
+            )
+        if upload.size is not None and upload.size > max_upload_bytes:
+            raise RequestRejected(413, "too_large", f"image has {upload.size} bytes; the limit is {max_upload_bytes}")
+        return await upload.read()
+    finally:
+        await form.close()
 
 
 def _check_dicom_header(data: bytes, max_pixels: int) -> None:
@@ -398,14 +315,55 @@ def _check_dicom_header(data: bytes, max_pixels: int) -> None:
         raise ImageDecodeError(f"DICOM image has {columns}x{rows}x{frames} = {rows * columns * frames} pixels; the limit is {max_pixels}")
 
 
+def _freeze_startup_objects() -> None:
+    """Exempt everything loaded so far (MLflow, onnxruntime, BentoML: ~10^6 objects) from garbage
+    collection. Otherwise every full collection walks all of them again; measured under load, the
+    collector took ~20 % of the event loop's time."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    exp = np.exp(shifted)
+    return exp / exp.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# The service.
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="softmax probability per class")
+    model: ModelRef
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what was wrong, for a person to read")
+    code: str = Field(description="a stable machine-readable reason, e.g. invalid_image, too_large")
+
+
 @bentoml.service(
     name="ctsynth_classifier",
+    workers=1,
     traffic={"timeout": 30, "max_concurrency": 1024},
 )
 class CTSynthClassifier:
-    """Chest-CT slice classifier: POST a PNG, JPEG or DICOM as multipart field `image`."""
+    """Chest-CT slice classifier: POST a PNG, JPEG or DICOM as multipart field `image` to /predict."""
 
-    onnx_model = bentoml.depends(OnnxModel)
+    @bentoml.on_deployment
+    def _check_model() -> None:
+        # Runs once in the `bentoml serve` process before workers start: without a model the
+        # server exits with this message instead of restarting a failing worker forever.
+        _log_ctsynth_at_info()
+        log.info("will serve %s", check_model_available(SETTINGS))
 
     def __init__(self) -> None:
         _log_ctsynth_at_info()
@@ -415,76 +373,133 @@ class CTSynthClassifier:
         # gets the same clear message whatever its size.
         Image.MAX_IMAGE_PIXELS = None
         self.settings = SETTINGS
-        self._info: dict[str, Any] | None = None
-        self._info_lock = asyncio.Lock()
+        self.model = _load_model(SETTINGS)
+        self.session = _make_session(self.model.onnx_bytes, SETTINGS)
+        log.info(
+            "serving %s version %s (%s): classes %s, %d px, onnxruntime providers %s",
+            self.model.name,
+            self.model.version,
+            self.model.source,
+            self.model.classes,
+            self.model.resolution,
+            self.session.get_providers(),
+        )
+        self.batcher = ContinuousBatcher(self._run_model, SETTINGS.max_batch_size)
+        self.array_batches = 0  # /logits, batched by BentoML
+        self.array_images = 0
+        # First run allocates; do it now rather than in the first request.
+        self._run_model(np.zeros((1, 1, self.model.resolution, self.model.resolution), np.float32))
+        _freeze_startup_objects()
 
-    async def _model_info(self) -> dict[str, Any]:
-        if self._info is None:
-            async with self._info_lock:
-                if self._info is None:
-                    self._info = await self.onnx_model.to_async.model_info()
-        return self._info
+    def _run_model(self, images: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        return logits
 
-    def _preprocess(self, data: bytes, resolution: int) -> np.ndarray:
+    def _preprocess(self, data: bytes) -> np.ndarray:
         if is_dicom(data):
             _check_dicom_header(data, self.settings.max_pixels)
-        return preprocess_bytes(data, resolution, max_pixels=self.settings.max_pixels)
+        return preprocess_bytes(data, self.model.resolution, max_pixels=self.settings.max_pixels)
 
-    async def _logits(self, batch: np.ndarray) -> np.ndarray:
-        import aiohttp
+    async def classify(self, data: bytes) -> dict[str, Any]:
+        """Image bytes -> the /predict answer; ImageDecodeError or MemoryError for a bad image."""
+        if len(data) <= INLINE_DECODE_MAX_BYTES:
+            model_input = self._preprocess(data)
+        else:
+            model_input = await asyncio.to_thread(self._preprocess, data)
+        probabilities = _softmax(await self.batcher(model_input))
+        classes = self.model.classes
+        return {
+            "label": classes[int(probabilities.argmax())],
+            "probabilities": {c: float(p) for c, p in zip(classes, probabilities)},
+            "model": {"name": self.model.name, "version": str(self.model.version)},
+        }
 
-        # BentoML's client to a dependency pools keep-alive connections for 15 s, and uvicorn closes
-        # idle ones after 5 s: a request can land on a closed connection (bentoml/BentoML#4971,
-        # fix proposed in #5698). `logits` is a pure function, so retrying is safe.
-        for attempt in range(CONNECTION_RETRIES + 1):
-            try:
-                return await self.onnx_model.to_async.logits(batch)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError) as exc:
-                # aiohttp reports a connection closed while reading the response as a bare
-                # RuntimeError("Connection closed."); any other RuntimeError is not ours to retry.
-                dropped = not isinstance(exc, RuntimeError) or "Connection closed" in str(exc)
-                if not dropped or attempt == CONNECTION_RETRIES:
-                    raise
-                log.info("retrying logits after a dropped connection to the model service: %r", exc)
-        raise AssertionError("unreachable")
-
-    @bentoml.api(route=PREDICT_PATH)
-    async def predict(self, image: Path) -> Prediction:
-        """Classify one chest-CT slice (PNG, JPEG in any mode, or single-frame DICOM).
-
-        The file type is read from the bytes, not from the part's Content-Type (DICOM arrives as
-        application/octet-stream or application/dicom).
-        """
-        info = await self._model_info()
-        data = await asyncio.to_thread(Path(image).read_bytes)
-        if len(data) > self.settings.max_upload_bytes:
-            return _error(413, "too_large", f"image has {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
-        try:
-            model_input = await asyncio.to_thread(self._preprocess, data, int(info["resolution"]))
-        except ImageDecodeError as exc:
-            return _error(400, "invalid_image", f"field '{IMAGE_FIELD}': {exc}")
-        except MemoryError:
-            return _error(413, "too_large", f"field '{IMAGE_FIELD}': the image is too large to decode")
-        try:
-            logits = await self._logits(model_input[None])
-        except bentoml.exceptions.BentoMLException as exc:
-            if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-                # the batcher shed this request: it would have waited past CTSYNTH_MAX_LATENCY_MS
-                return _error(503, "overloaded", "the model is busy; retry shortly")
-            raise
-        probabilities = _softmax(np.asarray(logits)[0])
-        classes = list(info["classes"])
-        return Prediction(
-            label=classes[int(probabilities.argmax())],
-            probabilities={c: float(p) for c, p in zip(classes, probabilities)},
-            model=ModelRef(name=info["name"], version=str(info["version"])),
-        )
+    @bentoml.api(
+        route="/logits",
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def logits(self, images: Annotated[np.ndarray, DType("float32")]) -> np.ndarray:
+        """Preprocessed float32 N x 1 x R x R in [-1, 1] (ctsynth.data.preprocess) -> N x C logits."""
+        expected = (1, self.model.resolution, self.model.resolution)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise InvalidArgument(f"images has shape {images.shape}; expected N x {' x '.join(map(str, expected))}")
+        logits = self._run_model(images)
+        self.array_batches += 1
+        self.array_images += len(images)
+        return logits
 
     @bentoml.api(route="/model")
-    async def model(self) -> dict[str, Any]:
+    def model_info(self) -> dict[str, Any]:
         """Which model answers (registry name and version, classes, resolution, providers) and
-        how many images it has classified in how many batches."""
-        return await self.onnx_model.to_async.model_info()
+        how many images each path has run in how many batches."""
+        stats = self.batcher.stats
+        return {
+            "name": self.model.name,
+            "version": self.model.version,
+            "classes": self.model.classes,
+            "resolution": self.model.resolution,
+            "source": self.model.source,
+            "providers": self.session.get_providers(),
+            "predict": {"batches": stats.batches, "images": stats.images, "largest_batch": stats.largest},
+            "logits": {"batches": self.array_batches, "images": self.array_images},
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# POST /predict
+
+
+# Only the route: BentoML serves the documents (/docs.json, Swagger UI at /), merging this route in.
+http_app = FastAPI(title="ctsynth", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@http_app.post(
+    PREDICT_PATH,
+    response_model=Prediction,
+    summary="Classify one chest-CT slice",
+    responses={
+        400: {"model": ErrorBody, "description": "not a usable image, or a malformed request"},
+        413: {"model": ErrorBody, "description": "more bytes than CTSYNTH_MAX_UPLOAD_BYTES"},
+        415: {"model": ErrorBody, "description": "not multipart/form-data"},
+        500: {"model": ErrorBody, "description": "a fault of the service (logged)"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [IMAGE_FIELD],
+                        "properties": {
+                            IMAGE_FIELD: {"type": "string", "format": "binary", "description": "PNG, JPEG (any mode) or single-frame DICOM"}
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def predict(request: Request) -> Response:
+    """Classify one chest-CT slice (PNG, JPEG in any mode, or single-frame DICOM) sent as multipart
+    field `image`. The file type is read from the bytes, not from the part's Content-Type (DICOM
+    arrives as application/octet-stream or application/dicom)."""
+    service: CTSynthClassifier = bentoml.get_current_service()
+    try:
+        data = await read_image_upload(request, service.settings.max_upload_bytes)
+        return JSONResponse(await service.classify(data))
+    except RequestRejected as rejected:
+        return rejected.response
+    except ImageDecodeError as exc:
+        return _error(400, "invalid_image", f"field '{IMAGE_FIELD}': {exc}")
+    except MemoryError:
+        return _error(413, "too_large", f"field '{IMAGE_FIELD}': the image is too large to decode")
+    except Exception:
+        log.exception("POST %s failed", PREDICT_PATH)
+        return _error(500, "internal_error", "the service failed on this request; the error is in the server log")
 
 
 async def _docs_redirect(scope: dict, receive: Any, send: Any) -> None:
@@ -492,5 +507,8 @@ async def _docs_redirect(scope: dict, receive: Any, send: Any) -> None:
     await RedirectResponse("/")(scope, receive, send)
 
 
-CTSynthClassifier.add_asgi_middleware(PredictRequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes)
+CTSynthClassifier.mount_asgi_app(http_app, path="/")
 CTSynthClassifier.mount_asgi_app(_docs_redirect, path="/docs")
+# `bentoml build -f serving/bentofile.yaml .` (from the repository root) packages the service, the
+# ctsynth preprocessing code and the exported champion (models/classifier/model.onnx, written by the
+# `select` stage) into one bento; `bentoml serve ctsynth_classifier:latest` then needs no MLflow store.

@@ -317,6 +317,40 @@ def test_concurrent_requests_all_answer_and_health_endpoints(registry_server):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
+def test_batch_counters_and_the_batchable_array_path(registry_server):
+    server, onnx_path, version = registry_server
+    before = requests.post(f"{server.url}/model", json={}, timeout=10).json()
+    assert before["name"] == "ctsynth-classifier" and before["version"] == version
+    assert before["resolution"] == RESOLUTION and before["classes"] == CLASSES
+    assert "CPUExecutionProvider" in before["providers"]
+
+    # /predict: every answered image is counted once by the in-process batcher
+    inputs = [_png(_slice(200 + i)) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda data: server.predict(files={"image": ("s.png", data, "image/png")}), inputs))
+    assert all(r.status_code == 200 for r in responses)
+    after = requests.post(f"{server.url}/model", json={}, timeout=10).json()
+    assert after["predict"]["images"] - before["predict"]["images"] == len(inputs)
+    assert 1 <= after["predict"]["batches"] - before["predict"]["batches"] <= len(inputs)
+
+    # /logits: preprocessed arrays (the same preprocessing function), batched by BentoML
+    from ctsynth.export import cpu_session
+
+    arrays = [preprocess_bytes(data, RESOLUTION)[None] for data in inputs]  # each 1 x 1 x R x R
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda a: requests.post(f"{server.url}/logits", json={"images": a.tolist()}, timeout=30), arrays))
+    session = cpu_session(onnx_path)
+    for array, answer in zip(arrays, answers):
+        assert answer.status_code == 200, answer.text
+        (expected,) = session.run(["logits"], {"image": array})
+        np.testing.assert_allclose(np.array(answer.json()), expected, atol=1e-5)
+    final = requests.post(f"{server.url}/model", json={}, timeout=10).json()
+    assert final["logits"]["images"] - after["logits"]["images"] == len(arrays)
+    for bad_images in ("not an array", np.zeros((1, 1, RESOLUTION + 1, RESOLUTION)).tolist()):
+        bad = requests.post(f"{server.url}/logits", json={"images": bad_images}, timeout=10)
+        assert bad.status_code == 400, bad.text
+
+
 def test_onnx_file_from_environment(tmp_path):
     from ctsynth.export import export_onnx
 
