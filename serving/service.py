@@ -60,6 +60,7 @@ except ImportError:  # inside a bento built from serving/bentofile.yaml the sour
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
@@ -456,6 +457,14 @@ class CTSynthClassifier:
 http_app = FastAPI(title="ctsynth", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+@http_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # e.g. GET /predict: the same JSON error shape as every other refusal, not FastAPI's {"detail"}
+    code = {405: "method_not_allowed", 404: "not_found"}.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}" + (f"; use POST {PREDICT_PATH}" if exc.status_code == 405 else "")
+    return _error(exc.status_code, code, message)
+
+
 @http_app.post(
     PREDICT_PATH,
     response_model=Prediction,
@@ -507,6 +516,27 @@ async def _docs_redirect(scope: dict, receive: Any, send: Any) -> None:
     await RedirectResponse("/")(scope, receive, send)
 
 
+class PredictDirectly:
+    """ASGI middleware: requests for /predict go straight to `http_app`.
+
+    It sits inside BentoML's own middlewares (metrics, tracing, access log, traffic limits), which
+    still see every request; it skips BentoML's request context and router, which /predict does not
+    use and which cost ~6 % of the throughput at 32 clients on 2 cores (measured by alternating
+    runs). `http_app` is also mounted on the service, which is how BentoML puts the route into its
+    OpenAPI document.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == PREDICT_PATH:
+            await http_app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+CTSynthClassifier.add_asgi_middleware(PredictDirectly)
 CTSynthClassifier.mount_asgi_app(http_app, path="/")
 CTSynthClassifier.mount_asgi_app(_docs_redirect, path="/docs")
 # `bentoml build -f serving/bentofile.yaml .` (from the repository root) packages the service, the

@@ -224,6 +224,7 @@ def _bad_requests() -> list[tuple[str, dict, int, str]]:
     ]
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 
@@ -296,6 +297,13 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(registry_s
     assert server.process.poll() is None, f"server died after {name}"
     after = server.predict(files={"image": GOOD_PNG})
     assert after.status_code == 200, f"after {name}: {after.status_code} {after.text}"
+
+
+def test_wrong_method_gets_a_json_error(registry_server):
+    server, _, _ = registry_server
+    response = requests.get(f"{server.url}/predict", timeout=10)
+    assert response.status_code == 405
+    assert response.json() == {"error": "GET /predict: Method Not Allowed; use POST /predict", "code": "method_not_allowed"}
 
 
 def test_concurrent_requests_all_answer_and_health_endpoints(registry_server):
