@@ -370,11 +370,6 @@ class CTSynthClassifier:
 
     def __init__(self) -> None:
         _log_ctsynth_at_info()
-        from PIL import Image
-
-        # Our own max_pixels check (in preprocess) replaces PIL's, so that a decompression bomb
-        # gets the same clear message whatever its size.
-        Image.MAX_IMAGE_PIXELS = None
         self.settings = SETTINGS
         self.model = _load_model(SETTINGS)
         self.session = _make_session(self.model.onnx_bytes, SETTINGS)

@@ -132,3 +132,31 @@ def test_dicom_pixel_limit_is_checked_from_the_header_before_decoding():
         data = f.read()
     with pytest.raises(ImageDecodeError, match="128x128 = 16384 pixels; the limit is 100"):
         decode_image(data, max_pixels=100)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR promising width x height pixels, and almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "message"),
+    [
+        # over our limit but under PIL's own guard: our check, from the header
+        (3000, 2000, "image has 3000x2000 = 6000000 pixels; the limit is 1000000"),
+        # far over PIL's guard (2 x Image.MAX_IMAGE_PIXELS): PIL refuses to open it, we say so
+        (100_000, 100_000, "far over the pixel limit of 1000000: .*10000000000 pixels"),
+    ],
+    ids=["over_our_limit", "decompression_bomb"],
+)
+def test_pixel_limit_is_checked_before_decoding(width, height, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(_png_header(width, height), max_pixels=1_000_000)
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's process-wide guard is left as it is

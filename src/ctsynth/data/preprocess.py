@@ -111,6 +111,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         return _decode_dicom(data, max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own guard, past 2 x Image.MAX_IMAGE_PIXELS
+        raise ImageDecodeError(f"image is far over the pixel limit of {max_pixels}: {exc}") from exc
     except Exception as exc:
         raise ImageDecodeError(f"not a PNG, JPEG or DICOM image ({exc.__class__.__name__}: {exc})") from exc
     width, height = image.size
