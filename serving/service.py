@@ -48,7 +48,6 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
 from bentoml.validators import DType
 
 try:
@@ -58,7 +57,7 @@ except ImportError:  # inside a bento built from serving/bentofile.yaml the sour
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -353,6 +352,16 @@ class ErrorBody(BaseModel):
     code: str = Field(description="a stable machine-readable reason, e.g. invalid_image, too_large")
 
 
+def _check_model_input_shape(images: np.ndarray) -> np.ndarray:
+    """Per request, before BentoML merges requests into a batch: one array of the wrong shape must
+    get its own 400, not break the concatenation for the requests batched with it."""
+    resolution = bentoml.get_current_service().model.resolution
+    expected = (1, resolution, resolution)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"images has shape {images.shape}; expected N x {' x '.join(map(str, expected))}")
+    return images
+
+
 @bentoml.service(
     name="ctsynth_classifier",
     workers=1,
@@ -419,11 +428,8 @@ class CTSynthClassifier:
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
     )
-    def logits(self, images: Annotated[np.ndarray, DType("float32")]) -> np.ndarray:
+    def logits(self, images: Annotated[np.ndarray, DType("float32"), AfterValidator(_check_model_input_shape)]) -> np.ndarray:
         """Preprocessed float32 N x 1 x R x R in [-1, 1] (ctsynth.data.preprocess) -> N x C logits."""
-        expected = (1, self.model.resolution, self.model.resolution)
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise InvalidArgument(f"images has shape {images.shape}; expected N x {' x '.join(map(str, expected))}")
         logits = self._run_model(images)
         self.array_batches += 1
         self.array_images += len(images)

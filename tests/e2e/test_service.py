@@ -357,6 +357,12 @@ def test_batch_counters_and_the_batchable_array_path(registry_server):
     for bad_images in ("not an array", np.zeros((1, 1, RESOLUTION + 1, RESOLUTION)).tolist()):
         bad = requests.post(f"{server.url}/logits", json={"images": bad_images}, timeout=10)
         assert bad.status_code == 400, bad.text
+    # a wrong shape sent together with good arrays is refused alone, before requests are batched
+    mixed = [np.zeros((1, 1, RESOLUTION // 2, RESOLUTION), np.float32)] + arrays
+    with ThreadPoolExecutor(max_workers=len(mixed)) as pool:
+        answers = list(pool.map(lambda a: requests.post(f"{server.url}/logits", json={"images": a.tolist()}, timeout=30), mixed))
+    assert answers[0].status_code == 400 and "expected N x 1 x" in answers[0].text, answers[0].text
+    assert [a.status_code for a in answers[1:]] == [200] * len(arrays)
 
 
 def test_onnx_file_from_environment(tmp_path):
