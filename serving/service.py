@@ -196,7 +196,6 @@ def check_model_available(settings: ServingSettings) -> str:
         raise SystemExit(f"ctsynth serving cannot start: {exc}") from exc
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Reading the upload: every check that must happen before the image is decoded.
 
@@ -240,6 +239,7 @@ async def _read_body(request: Request, max_upload_bytes: int) -> bytes:
 
 
 def _replay(body: bytes):
+    """An ASGI `receive` that hands over the already-read body once, for the form parser."""
     sent = False
 
     async def receive() -> dict:
