@@ -160,7 +160,8 @@ async def load_level(url: str, png: bytes, clients: int, seconds: float, warmup:
                 try:
                     status = await asyncio.wait_for(read_response(reader), timeout=60)
                 except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-                    errors += measuring
+                    if measuring:
+                        errors += 1
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, int(port))
                     continue
@@ -279,22 +280,26 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         process, url = start_server(onnx_path, workdir / "server.log", args.threads)
         print(f"started bentoml serve at {url} (log {workdir / 'server.log'})")
+
+    def measure_service(order: list[int]) -> dict[int, dict]:
+        return {clients: measure_level(url, png, clients, args.seconds, args.warmup) for clients in order}
+
+    def measure_in_process(order: tuple[int, ...]) -> dict[int, float]:
+        return {batch: in_process_throughput(onnx_path, resolution, batch, args.seconds) for batch in order}
+
     rounds = []
     try:
         for round_index in range(args.rounds):
-            # This VM's speed drifts under sustained load, so the order alternates (ABBA): odd rounds
-            # run the service first with the most clients last, even rounds the in-process loop first
+            # This VM's speed drifts under sustained load, so the order alternates (ABBA): one round
+            # runs the service first with the most clients last, the next the in-process loop first
             # and the most clients first; either way the two figures of the ratio are neighbours.
             # While the loop runs, the server sits idle (onnxruntime does not spin between runs).
-            in_process_first = round_index % 2 == 1
-            if in_process_first:
-                in_process = {batch: in_process_throughput(onnx_path, resolution, batch, args.seconds) for batch in (1, 32)}
-            service = {
-                clients: measure_level(url, png, clients, args.seconds, args.warmup)
-                for clients in (sorted(levels, reverse=True) if in_process_first else levels)
-            }
-            if not in_process_first:
-                in_process = {batch: in_process_throughput(onnx_path, resolution, batch, args.seconds) for batch in (32, 1)}
+            if round_index % 2 == 0:
+                service = measure_service(sorted(levels))
+                in_process = measure_in_process((32, 1))
+            else:
+                in_process = measure_in_process((1, 32))
+                service = measure_service(sorted(levels, reverse=True))
             service = {clients: service[clients] for clients in levels}
             rounds.append({"service": service, "in_process": in_process})
             for result in service.values():

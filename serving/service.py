@@ -398,6 +398,10 @@ class CTSynthClassifier:
         self._run_model(np.zeros((1, 1, self.model.resolution, self.model.resolution), np.float32))
         _freeze_startup_objects()
 
+    @bentoml.on_shutdown
+    def _stop_batching(self) -> None:
+        self.batcher.close()
+
     def _run_model(self, images: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
         return logits
