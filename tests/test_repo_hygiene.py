@@ -62,6 +62,31 @@ def violations(path: Path, text: str) -> list[str]:
     return found
 
 
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    return {heading_anchor(heading) for heading in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
+def broken_links(path: Path, text: str, root: Path = REPO) -> list[str]:
+    """Relative Markdown links whose file does not exist or whose #anchor is no heading there."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                found.append(f"{path.relative_to(root)}:{number}: no file {file}")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
+                found.append(f"{path.relative_to(root)}:{number}: no heading #{anchor} in {file or path.name}")
+    return found
+
+
 def test_no_tracked_file_refers_outside_the_repository():
     found = [hit for path in tracked_files() if (text := text_of(path)) is not None for hit in violations(path, text)]
     assert not found, "references a reader of the repository cannot follow:\n" + "\n".join(found)
@@ -99,3 +124,32 @@ def test_patterns_catch(line):
 )
 def test_patterns_spare(line):
     assert not violations(REPO / "x.md", line), line
+
+
+def test_markdown_links_resolve():
+    markdown = [path for path in tracked_files() if path.suffix == ".md"]
+    found = [hit for path in markdown for hit in broken_links(path, path.read_text())]
+    assert not found, "broken links in the documentation:\n" + "\n".join(found)
+
+
+def test_broken_links_are_found(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n")
+    page = tmp_path / "page.md"
+    text = "# Top `x` (y)\n[a](other.md) [b](other.md#other-page) [c](#top-x-y) [d](https://x.org/#z)\n[e](gone.md) [f](other.md#nope)\n"
+    page.write_text(text)
+    found = [hit.split(": ", 1)[1] for hit in broken_links(page, text, root=tmp_path)]
+    assert found == ["no file gone.md", "no heading #nope in other.md"]
+
+
+def test_readme_is_a_short_page_with_contents():
+    readme = (REPO / "README.md").read_text()
+    lines = readme.splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; details belong in docs/"
+    for command in ("make demo", "make test", "make serve", "make ui"):
+        assert command in readme, f"README.md does not mention `{command}`"
+    sections = re.findall(r"^## (.+)$", readme, re.MULTILINE)
+    assert "Contents" in sections, "README.md has no '## Contents'"
+    contents = readme.split("## Contents", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"\]\(#([^)]+)\)", contents))
+    missing = [section for section in sections if section != "Contents" and heading_anchor(section) not in listed]
+    assert not missing, f"README.md sections missing from its contents: {missing}"
