@@ -240,9 +240,24 @@ class Params(BaseModel):
 
 
 def read_params_dict(path: str | Path | None = None) -> dict[str, Any]:
-    params_path = Path(path) if path else repo_root() / DEFAULT_PARAMS_FILE
-    if not params_path.exists():
-        return {}
+    """The params file as a dict: `path`, else the repository's params.yaml.
+
+    A missing file is an error wherever there is a dvc.yaml: DVC records params.yaml's values with
+    every result, so running on silent defaults would file results under settings nobody wrote
+    down. Outside a DVC repository (no dvc.yaml, no path given) the defaults apply; they equal the
+    shipped params.yaml.
+    """
+    if path:
+        params_path = Path(path)
+        if not params_path.is_file():
+            raise FileNotFoundError(f"params file {params_path} does not exist")
+    else:
+        root = repo_root()
+        params_path = root / DEFAULT_PARAMS_FILE
+        if not params_path.is_file():
+            if (root / "dvc.yaml").exists():
+                raise FileNotFoundError(f"{params_path} does not exist: every stage in {root / 'dvc.yaml'} reads it")
+            return {}
     with open(params_path, encoding="utf-8") as f:
         return yaml.safe_load(f) or {}
 

@@ -22,6 +22,13 @@ def repo_root(start: Path | None = None) -> Path:
     return start
 
 
+def resolve(path: str | Path, root: Path | None = None) -> Path:
+    """A path from params.yaml on disk: absolute paths stay as they are, relative ones are taken
+    from `root` (default: the repository we run in)."""
+    path = Path(path)
+    return path if path.is_absolute() else (root or repo_root()) / path
+
+
 def store_root(repository: Path | None = None) -> Path:
     """Where the default MLflow store lives: the DVC workspace (``DVC_ROOT``) when DVC set one,
     else the repository (`repository`, or the one we run in)."""
