@@ -153,3 +153,31 @@ def test_readme_is_a_short_page_with_contents():
     listed = set(re.findall(r"\]\(#([^)]+)\)", contents))
     missing = [section for section in sections if section != "Contents" and heading_anchor(section) not in listed]
     assert not missing, f"README.md sections missing from its contents: {missing}"
+
+
+README_SECTION_REFERENCE = re.compile(r"README:?\s+\"([^\"]+)\"")
+
+
+def test_references_to_readme_sections_name_a_section():
+    """A comment that points at a README section by its quoted name must name a heading the README
+    still has (details live in docs/; point there instead)."""
+    headings = {heading.strip() for heading in re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), re.MULTILINE)}
+    found = []
+    for path in tracked_files():
+        text = text_of(path)
+        if text is None or path.name == "README.md":
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            for section in README_SECTION_REFERENCE.findall(line):
+                if section not in headings:
+                    found.append(f"{path.relative_to(REPO)}:{number}: README has no section {section!r}")
+    assert not found, "\n".join(found)
+
+
+def test_readme_section_reference_pattern():
+    line = "see " + "README" + ' "GAN training speed" and ' + "README" + ': "Classifier"'
+    assert README_SECTION_REFERENCE.findall(line) == [
+        "GAN training speed",
+        "Classifier",
+    ]
+    assert not README_SECTION_REFERENCE.findall("readme = \"README.md\"")
