@@ -64,7 +64,8 @@ def _server_env(store: Path, **extra: str) -> dict[str, str]:
         CTSYNTH_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         CTSYNTH_MAX_PIXELS=str(MAX_PIXELS),
         BENTOML_HOME=str(store / "bentoml"),
-        PYTHONPATH=str(REPO),
+        # this checkout's ctsynth and serving packages, whatever an installed ctsynth points at
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
         **extra,
     )
     return env
