@@ -8,7 +8,8 @@
                            CT             Hounsfield units (RescaleSlope/Intercept), lung window, or
                                           the header's own window when `window="header"`
                            other grey     the header's window when present, else the stored range
-                           RGB / YBR      grey as an RGB PNG becomes grey (PIL's "L" weights)
+                           RGB / YBR      grey as an RGB PNG becomes grey (PIL's "L" weights);
+                                          PALETTE COLOR through its palette first
                            MONOCHROME1    inverted, so that bright means dense as in MONOCHROME2
 
 Every way a header can be wrong ends in ImageDecodeError with a reason, never another exception:
@@ -152,6 +153,13 @@ def decode_dicom(data: bytes, max_pixels: int, window: DicomWindow = "lung") -> 
         modality = str(dataset.get("Modality", "") or "").strip().upper()
     except Exception as exc:
         raise ImageDecodeError(f"DICOM header could not be read ({exc.__class__.__name__}: {exc})") from exc
+    if raw.ndim == 2 and photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            raw = apply_color_lut(raw, dataset)  # 16-bit RGB from the header's palette
+        except Exception as exc:
+            raise ImageDecodeError(f"DICOM palette could not be applied ({exc.__class__.__name__}: {exc})") from exc
     if raw.ndim == 3 and raw.shape[-1] == 3:
         grey = _colour_to_grey(raw)
     elif raw.ndim == 2:
