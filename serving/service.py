@@ -227,6 +227,13 @@ def check_model_available(settings: ServingSettings) -> str:
 # Reading the upload: every check that must happen before the image is decoded.
 
 
+def decodes_inline(data: bytes) -> bool:
+    """Whether an upload is small enough, by the pixel count in its header, to decode on the event
+    loop; everything else, and every DICOM, goes to the decode threads."""
+    pixels = header_pixels(data)
+    return pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS
+
+
 def _freeze_startup_objects() -> None:
     """Keep the garbage collector off the request path. Everything loaded so far (MLflow,
     onnxruntime, BentoML: ~2 x 10^5 objects) is exempted from collection, and young collections run
@@ -336,8 +343,7 @@ class CTSynthClassifier:
 
     async def classify(self, data: bytes) -> dict[str, Any]:
         """Image bytes -> the /predict answer; ImageDecodeError or MemoryError for a bad image."""
-        pixels = header_pixels(data)
-        if pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS:
+        if decodes_inline(data):
             model_input = self._preprocess(data)
         else:
             model_input = await asyncio.get_running_loop().run_in_executor(self.decoder, self._preprocess, data)
