@@ -174,8 +174,25 @@ class _RewritingSend:
         await send({"type": "http.response.body", "body": new, "more_body": False})
 
 
-def install(service: Any, known_paths: set[str], body_limits: dict[str, int], default_body_limit: int) -> None:
-    """Wrap the ASGI app that `bentoml serve` builds for `service` (Service.to_asgi) in a RequestGuard.
+class _Document:
+    """What Service.openapi_spec returns, as far as BentoML's /docs.json view uses it."""
+
+    def __init__(self, document: dict) -> None:
+        self.document = document
+
+    def asdict(self) -> dict:
+        return self.document
+
+
+def install(
+    service: Any,
+    known_paths: set[str],
+    body_limits: dict[str, int | None],
+    default_body_limit: int,
+    fix_document: Callable[[dict], dict] | None = None,
+) -> None:
+    """Wrap the ASGI app that `bentoml serve` builds for `service` (Service.to_asgi) in a RequestGuard,
+    and pass its OpenAPI document through `fix_document`.
 
     BentoML offers middlewares only inside its own (its metrics, timeout and concurrency layers come
     first), so the service object's class is swapped for a subclass whose to_asgi wraps the result.
@@ -187,6 +204,11 @@ def install(service: Any, known_paths: set[str], body_limits: dict[str, int], de
 
         def to_asgi(self, *args: Any, **kwargs: Any) -> Any:
             return RequestGuard(super().to_asgi(*args, **kwargs), known_paths, body_limits, default_body_limit)
+
+        @property
+        def openapi_spec(self) -> Any:
+            spec = super().openapi_spec
+            return _Document(fix_document(spec.asdict())) if fix_document is not None else spec
 
     GuardedService.__name__ = GuardedService.__qualname__ = f"Guarded{base.__name__}"
     service.__class__ = GuardedService

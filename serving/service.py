@@ -72,6 +72,7 @@ from ctsynth.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, header
 from ctsynth.export import INPUT_NAME, OUTPUT_NAME
 from serving import guard
 from serving.batching import ContinuousBatcher
+from serving.openapi import valid_openapi
 from serving.upload import IMAGE_FIELD, MULTIPART_OVERHEAD_BYTES, RequestRejected, error_response, read_image_upload
 
 log = logging.getLogger("ctsynth.serving")
@@ -489,6 +490,7 @@ guard.install(
     # /predict reads its body itself, refusing it past CTSYNTH_MAX_UPLOAD_BYTES with its own message
     body_limits={PREDICT_PATH: None, LOGITS_PATH: SETTINGS.max_logits_bytes},
     default_body_limit=OTHER_BODY_LIMIT_BYTES,
+    fix_document=valid_openapi,
 )
 CTSynthClassifier.mount_asgi_app(http_app, path="/")
 CTSynthClassifier.mount_asgi_app(_docs_redirect, path="/docs")
