@@ -56,8 +56,16 @@ def _refusal_body(status: int, raw: bytes) -> bytes | None:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and isinstance(parsed.get("code"), str):
         return None
     message = None
+    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+        parsed = parsed[0]  # BentoML sends some errors as a one-element list
     if isinstance(parsed, dict):
         message = parsed.get("error") or parsed.get("detail") or parsed.get("message")
+        details = parsed.get("detail") if parsed.get("error") else None
+        if isinstance(details, list):  # pydantic's validation errors: say which field and why
+            described = [
+                f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg', '')}" for d in details if isinstance(d, dict)
+            ]
+            message = "; ".join([str(message), *described])
     elif parsed is not None:
         message = parsed
     if message is None:

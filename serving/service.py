@@ -486,7 +486,7 @@ class PredictDirectly:
 CTSynthClassifier.add_asgi_middleware(PredictDirectly)
 guard.install(
     CTSynthClassifier,
-    known_paths={PREDICT_PATH, LOGITS_PATH, MODEL_PATH, "/docs"},
+    known_paths={PREDICT_PATH, LOGITS_PATH, MODEL_PATH, "/docs", "/docs/"},
     # /predict reads its body itself, refusing it past CTSYNTH_MAX_UPLOAD_BYTES with its own message
     body_limits={PREDICT_PATH: None, LOGITS_PATH: SETTINGS.max_logits_bytes},
     default_body_limit=OTHER_BODY_LIMIT_BYTES,

@@ -31,6 +31,11 @@ class App:
             "/slow": JSONResponse({"error": "Not able to process the request in 30 seconds"}, status_code=504),
             "/shed": JSONResponse({"detail": "the batch queue is full"}, status_code=503),
             "/text": PlainTextResponse("Method Not Allowed", status_code=405),
+            "/invalid": JSONResponse(
+                {"error": "1 validation error for Input", "detail": [{"loc": ["images"], "msg": "Value error, images has shape (2,)"}]},
+                status_code=400,
+            ),
+            "/listed": JSONResponse([{"error": "Bad input"}], status_code=400),
             "/ours": JSONResponse({"error": "field 'image': empty file", "code": "invalid_image"}, status_code=400),
             "/big_error": PlainTextResponse("x" * 100_000, status_code=500),
         }
@@ -51,7 +56,7 @@ class App:
         await responses[scope["path"]](scope, receive, send)
 
 
-KNOWN = {"/ok", "/busy", "/slow", "/shed", "/text", "/ours", "/big_error", "/upload"}
+KNOWN = {"/invalid", "/listed", "/ok", "/busy", "/slow", "/shed", "/text", "/ours", "/big_error", "/upload"}
 
 
 def _call(guard: RequestGuard, path: str, body_chunks: list[bytes] = (), headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, dict, bytes]:
@@ -86,6 +91,8 @@ def app_and_guard():
         ("/slow", 504, "timeout", "Not able to process the request in 30 seconds"),
         ("/shed", 503, "unavailable", "the batch queue is full"),
         ("/text", 405, "method_not_allowed", "Method Not Allowed"),
+        ("/invalid", 400, "invalid_input", "1 validation error for Input; images: Value error, images has shape (2,)"),
+        ("/listed", 400, "invalid_input", "Bad input"),
     ],
 )
 def test_refusals_from_inside_get_the_one_json_shape(app_and_guard, path, status, code, message):

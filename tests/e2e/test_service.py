@@ -423,7 +423,7 @@ def test_refuses_to_start_without_a_model(tmp_path, extra_env, phrase):
 def test_an_elongated_image_is_scaled_before_padding(registry_server):
     # 5000 x 150 passes the 1 M pixel limit; its square (25 M pixels) would not: scaled first, same as in-process
     server, onnx_path, _ = registry_server
-    data = _png((np.random.default_rng(21).random((150, 5000)) * 255).astype(np.uint8))
+    data = _png(np.tile(np.linspace(0, 255, 5000).astype(np.uint8), (150, 1)))
     response = server.predict(files={"image": ("wide.png", data, "image/png")})
     assert response.status_code == 200, response.text
     from ctsynth.export import cpu_session
@@ -446,7 +446,7 @@ def test_unknown_urls_get_a_json_404_and_no_metrics_series(registry_server):
 
 def test_logits_has_a_body_limit(registry_server):
     server, _, _ = registry_server
-    huge = json.dumps({"images": np.zeros((20, 1, RESOLUTION, RESOLUTION)).tolist()}).encode()
+    huge = json.dumps({"images": np.zeros((80, 1, RESOLUTION, RESOLUTION)).tolist()}).encode()
     assert len(huge) > MAX_LOGITS_BYTES
     declared = requests.post(f"{server.url}/logits", data=huge, headers={"Content-Type": "application/json"}, timeout=30)
     assert declared.status_code == 413 and declared.json() == {
