@@ -69,7 +69,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from ctsynth.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, header_pixels, preprocess_bytes
-from ctsynth.export import INPUT_NAME, OUTPUT_NAME
 from serving import guard
 from serving.batching import ContinuousBatcher
 from serving.openapi import valid_openapi
@@ -89,9 +88,10 @@ OTHER_BODY_LIMIT_BYTES = 64 * 1024
 # so that they do not stall the other requests. Decided by the header, not by the compressed size:
 # a 40 KB PNG can hold 39000 x 1000 pixels.
 INLINE_DECODE_MAX_PIXELS = 256 * 256
-# Peak bytes one decode allocates per image pixel (an RGB PNG: PIL's RGB and L copies, the float32
-# grey and its quantisation temporaries; measured with tracemalloc, see docs/serving.md).
-DECODE_BYTES_PER_PIXEL = 16
+# Peak bytes one decode allocates per image pixel: an RGB PNG, the worst of RGB PNG / 16-bit PNG /
+# CT DICOM (PIL's RGB and L copies, the float32 grey, the uint8 square); peak RSS measured in
+# docs/serving.md.
+DECODE_BYTES_PER_PIXEL = 24
 BUNDLED_MODEL = "models/classifier/model.onnx"  # what serving/bentofile.yaml packs into a bento
 
 
@@ -304,6 +304,8 @@ class CTSynthClassifier:
         self.settings = SETTINGS
         self.model = _load_model(SETTINGS)
         self.session = _make_session(self.model.onnx_bytes, SETTINGS)
+        # the exported graph's one input and one output (ctsynth.export names them)
+        self.input_name, self.output_name = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
         log.info(
             "serving %s version %s (%s): classes %s, %d px, onnxruntime providers %s",
             self.model.name,
@@ -336,7 +338,7 @@ class CTSynthClassifier:
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def _run_model(self, images: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        (logits,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
         return logits
 
     def _preprocess(self, data: bytes) -> np.ndarray:

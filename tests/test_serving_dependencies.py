@@ -94,3 +94,15 @@ def test_the_audit_allow_list_gives_a_reason_for_each_entry():
     for entry in entries:
         vuln_id, _, reason = entry.partition(" ")
         assert vuln_id and reason.strip().startswith("#") and len(reason.strip()) > 10, f"no reason given: {entry!r}"
+
+
+def test_serving_uses_only_the_registry_and_the_preprocessing_of_ctsynth():
+    import ast
+
+    allowed = {"ctsynth", "ctsynth.registry", "ctsynth.data.preprocess"}
+    for path in sorted((REPO / "serving").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                if name.split(".")[0] == "ctsynth":
+                    assert name in allowed, f"{path.name} imports {name}"

@@ -131,7 +131,11 @@ def square_resize(grey: np.ndarray, resolution: int, max_pixels: int = DEFAULT_M
     first scaled down, keeping its aspect, until the square fits.
     """
     height, width = grey.shape
-    as_uint8 = np.clip(np.rint(grey.astype(np.float32, copy=False) * np.float32(255.0)), 0, 255).astype(np.uint8)
+    scaled = grey.astype(np.float32, copy=False) * np.float32(255.0)
+    np.rint(scaled, out=scaled)  # in place: one float32 temporary, not three
+    np.clip(scaled, 0, 255, out=scaled)
+    as_uint8 = scaled.astype(np.uint8)
+    del scaled
     max_side = math.isqrt(max_pixels)
     if max(height, width) > max_side:
         scale = max_side / max(height, width)
