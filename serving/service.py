@@ -32,6 +32,7 @@ Settings (environment variables):
                               it bounds the memory requests can hold (logged at start, in /model)
     CTSYNTH_DECODE_THREADS    images decoded at once off the event loop (default 2)
     CTSYNTH_REQUEST_TIMEOUT_S a request not answered within this many seconds gets 504 (default 30)
+    CTSYNTH_DICOM_WINDOW      lung (default) | header: as data.dicom_window of the params the model was trained with
     CTSYNTH_ORT_DEVICE        auto (default: CUDA when a driver is present, else CPU) | cpu | cuda
     CTSYNTH_ORT_THREADS       onnxruntime intra-op threads (default: onnxruntime's choice)
     CTSYNTH_MAX_BATCH_SIZE    adaptive batching, both paths: largest batch (default 64)
@@ -119,6 +120,13 @@ def _bundled_model() -> str | None:
     return None
 
 
+def _dicom_window() -> str:
+    window = os.environ.get("CTSYNTH_DICOM_WINDOW", "lung").strip().lower() or "lung"
+    if window not in ("lung", "header"):
+        raise SystemExit(f"ctsynth serving: CTSYNTH_DICOM_WINDOW={window!r}; use lung or header")
+    return window
+
+
 @dataclass(frozen=True)
 class ServingSettings:
     onnx_model: str | None
@@ -132,6 +140,7 @@ class ServingSettings:
     decode_threads: int
     max_logits_bytes: int
     request_timeout_s: int
+    dicom_window: str
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -157,6 +166,7 @@ class ServingSettings:
             decode_threads=_env_int("CTSYNTH_DECODE_THREADS", 2),
             max_logits_bytes=_env_int("CTSYNTH_MAX_LOGITS_BYTES", DEFAULT_MAX_LOGITS_BYTES),
             request_timeout_s=_env_int("CTSYNTH_REQUEST_TIMEOUT_S", 30),
+            dicom_window=_dicom_window(),
         )
 
 
@@ -342,7 +352,7 @@ class CTSynthClassifier:
         return logits
 
     def _preprocess(self, data: bytes) -> np.ndarray:
-        return preprocess_bytes(data, self.model.resolution, max_pixels=self.settings.max_pixels)
+        return preprocess_bytes(data, self.model.resolution, max_pixels=self.settings.max_pixels, dicom_window=self.settings.dicom_window)
 
     async def classify(self, data: bytes) -> dict[str, Any]:
         """Image bytes -> the /predict answer; ImageDecodeError or MemoryError for a bad image."""
