@@ -9,7 +9,11 @@ One service, one process (`bentoml serve serving.service:CTSynthClassifier`):
                     classes. Bad input gets a 4xx JSON error, never a crash.
     POST /logits    the array path: preprocessed float32 N x 1 x R x R in, logits out;
                     `batchable=True`, so BentoML's adaptive batcher merges concurrent requests.
-    POST /model     which model answers, and how many images ran in how many batches.
+    POST /model     which model answers, how many images ran in how many batches, and the limits.
+
+Around it all, serving/guard.py: unknown paths get a 404 before BentoML's metrics see them, every
+body has a byte limit, and every refusal (BentoML's 429/503/504 included) is {"error", "code"}.
+Limits, codes and the memory budget they add up to: docs/serving.md.
 
 /predict is a FastAPI route mounted on the BentoML service rather than a `@bentoml.api`: that API
 layer parses the multipart body a second time and writes every upload to a temporary file, and
@@ -235,7 +239,7 @@ def check_model_available(settings: ServingSettings) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the upload: every check that must happen before the image is decoded.
+# Where an upload is decoded (the upload itself is read and checked in serving/upload.py).
 
 
 def decodes_inline(data: bytes) -> bool:
