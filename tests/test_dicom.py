@@ -177,3 +177,33 @@ def test_every_file_pydicom_ships_decodes_or_gets_a_named_reason():
     for name in ["MR_small_RLE.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "SC_rgb_jpeg.dcm", "image_dfl.dcm", "examples_palette.dcm"]:
         assert name not in reasons, f"{name}: {reasons[name]}"
     assert outcome["other decoded"] == 0
+
+
+def test_prepare_takes_the_pydicom_corpus_without_failing(tmp_path):
+    """`prepare` (ctsynth.data.ingest, through decode_image and square_resize) on every DICOM file
+    pydicom ships: each one prepared or an "unreadable" row with its reason; the stage goes on."""
+    import shutil
+
+    from ctsynth.config import DataParams
+    from ctsynth.data.ingest import prepare_dataset
+
+    raw = tmp_path / "raw"
+    dicoms = sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file() and is_dicom(p.read_bytes()))
+    for split in ("train", "valid", "test"):
+        (raw / split / "normal").mkdir(parents=True)
+    for i, path in enumerate(dicoms):
+        shutil.copyfile(path, raw / "train" / "normal" / f"{i:03d}_{path.name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prepare_dataset(raw, tmp_path / "prepared", DataParams(resolution=16))
+    assert result.ok, result.errors
+    prepared, unreadable = result.counts["train"]["normal"], len(result.unreadable)
+    assert prepared + unreadable == len(dicoms)
+    expected_refused = 0
+    for path in dicoms:
+        try:
+            preprocess_bytes(path.read_bytes(), 16)
+        except ImageDecodeError:
+            expected_refused += 1
+    assert unreadable == expected_refused and prepared > 50
+    assert all(row["error"] for row in result.rows if row["status"] != "ok")
