@@ -186,6 +186,7 @@ def test_prepare_takes_the_pydicom_corpus_without_failing(tmp_path):
 
     from ctsynth.config import DataParams
     from ctsynth.data.ingest import prepare_dataset
+    from ctsynth.data.manifest import STATUS_OK
 
     raw = tmp_path / "raw"
     dicoms = sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file() and is_dicom(p.read_bytes()))
@@ -206,4 +207,4 @@ def test_prepare_takes_the_pydicom_corpus_without_failing(tmp_path):
         except ImageDecodeError:
             expected_refused += 1
     assert unreadable == expected_refused and prepared > 50
-    assert all(row["error"] for row in result.rows if row["status"] != "ok")
+    assert all(row["error"] for row in result.rows if row["status"] != STATUS_OK)
