@@ -28,6 +28,9 @@ from PIL import Image
 
 from ctsynth.data.preprocess import preprocess_bytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test inputs in tests/
+from _dicom_data import deflate_bomb  # noqa: E402
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,13 +167,6 @@ def _pydicom_file(name: str) -> bytes:
     return (Path(__import__("pydicom").__file__).parent / "data" / "test_files" / name).read_bytes()
 
 
-def _deflate_bomb(inflated_bytes: int) -> bytes:
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_dicom import _deflate_bomb as make
-
-    return make(inflated_bytes)
-
-
 def _png_header_bomb(width: int, height: int) -> bytes:
     """A valid PNG signature + IHDR promising width x height pixels, with a few bytes of data."""
 
@@ -237,7 +233,7 @@ def _bad_requests() -> list[tuple[str, dict, int, str]]:
         ("text_not_file", {"files": {"image": (None, "http://127.0.0.1:1/x.png")}}, 400, "not a file upload"),
         ("json_body", {"json": {"image": "http://127.0.0.1:1/x.png"}}, 415, "send multipart/form-data"),
         ("dicom_bad_header", {"files": {"image": ("badVR.dcm", _pydicom_file("badVR.dcm"), "application/dicom")}}, 400, "is not a number"),
-        ("dicom_deflate_bomb", {"files": {"image": ("bomb.dcm", _deflate_bomb(64 << 20), "application/dicom")}}, 400, "inflates to more than"),
+        ("dicom_deflate_bomb", {"files": {"image": ("bomb.dcm", deflate_bomb(64 << 20), "application/dicom")}}, 400, "inflates to more than"),
         ("garbage_multipart", {"data": b"--xyz\r\ngarbage", "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}}, 400, ""),
     ]
 
