@@ -180,3 +180,35 @@ def test_prepare_takes_the_pydicom_corpus_without_failing(tmp_path):
             expected_refused += 1
     assert unreadable == expected_refused and prepared > 50
     assert all(row["error"] for row in result.rows if row["status"] != STATUS_OK)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "SC_rgb_jpeg_gdcm.dcm", "image_dfl.dcm", "MR_small_jpeg_ls_lossless.dcm", "examples_palette.dcm"])
+def test_corrupted_files_decode_or_get_a_named_reason(name):
+    """Bytes flipped in the header and pixel data, files cut short: ImageDecodeError or a result,
+    never another exception (a broken header element used to escape as NotImplementedError)."""
+    data = _read(name)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(80):
+            corrupt = bytearray(data)
+            for _ in range(int(rng.integers(1, 12))):
+                corrupt[int(rng.integers(132, min(len(data), 2000) if i % 2 else len(data)))] = int(rng.integers(0, 256))
+            if i % 7 == 0:
+                corrupt = corrupt[: int(rng.integers(132, len(corrupt)))]
+            try:
+                model_input = preprocess_bytes(bytes(corrupt), 16, max_pixels=4_000_000)
+            except ImageDecodeError:
+                continue
+            assert model_input.shape == (1, 16, 16) and np.isfinite(model_input).all()
+
+
+def test_an_element_with_an_unknown_value_representation_is_a_named_refusal():
+    data = _read("SC_rgb_jpeg_gdcm.dcm")
+    samples_per_pixel = b"\x28\x00\x02\x00US"  # (0028,0002) US, explicit VR little endian
+    assert data.count(samples_per_pixel) == 1
+    broken = data.replace(samples_per_pixel, b"\x28\x00\x02\x00UM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ImageDecodeError, match="SamplesPerPixel could not be read"):
+            decode_image(broken)

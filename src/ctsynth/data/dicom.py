@@ -71,8 +71,11 @@ def _inflate_once(data: bytes, max_pixels: int) -> bytes:
 
 def _number(dataset, keyword: str, default: float) -> float:
     """A numeric header value, the first of several; ImageDecodeError when it is not a number."""
-    value = dataset.get(keyword, None)
-    value = getattr(value, "value", value)
+    try:
+        value = dataset.get(keyword, None)
+        value = getattr(value, "value", value)
+    except Exception as exc:  # pydicom parses values lazily: a broken element fails here
+        raise ImageDecodeError(f"DICOM header element {keyword} could not be read ({exc.__class__.__name__}: {exc})") from exc
     if value is None or value == "":
         return default
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
