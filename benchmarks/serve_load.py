@@ -215,11 +215,19 @@ def batch_counts(url: str) -> tuple[int, int]:
     return int(info["batches"]), int(info["images"])
 
 
-def start_server(onnx_path: Path, log_path: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(onnx_path: Path, log_path: Path, threads: int | None, max_clients: int) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = free_port()
-    env = {**os.environ, "CTSYNTH_ONNX_MODEL": str(onnx_path), "CTSYNTH_ORT_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "CTSYNTH_ONNX_MODEL": str(onnx_path),
+        "CTSYNTH_ORT_DEVICE": "cpu",
+        # this checkout's code, whatever an installed ctsynth points at
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        # every client in flight plus the /model reads: no request of the benchmark is refused with 429
+        "CTSYNTH_MAX_CONCURRENCY": str(max_clients + 8),
+    }
     if threads:
         env["CTSYNTH_ORT_THREADS"] = str(threads)
     bentoml = Path(sys.executable).with_name("bentoml")
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     process = None
     url = args.url
     if url is None:
-        process, url = start_server(onnx_path, workdir / "server.log", args.threads)
+        process, url = start_server(onnx_path, workdir / "server.log", args.threads, max(levels))
         print(f"started bentoml serve at {url} (log {workdir / 'server.log'})")
 
     def measure_service(order: list[int]) -> dict[int, dict]:

@@ -9,7 +9,11 @@ One service, one process (`bentoml serve serving.service:CTSynthClassifier`):
                     classes. Bad input gets a 4xx JSON error, never a crash.
     POST /logits    the array path: preprocessed float32 N x 1 x R x R in, logits out;
                     `batchable=True`, so BentoML's adaptive batcher merges concurrent requests.
-    POST /model     which model answers, and how many images ran in how many batches.
+    POST /model     which model answers, how many images ran in how many batches, and the limits.
+
+Around it all, serving/guard.py: unknown paths get a 404 before BentoML's metrics see them, every
+body has a byte limit, and every refusal (BentoML's 429/503/504 included) is {"error", "code"}.
+Limits, codes and the memory budget they add up to: docs/serving.md.
 
 /predict is a FastAPI route mounted on the BentoML service rather than a `@bentoml.api`: that API
 layer parses the multipart body a second time and writes every upload to a temporary file, and
@@ -27,6 +31,12 @@ Settings (environment variables):
     CTSYNTH_ONNX_MODEL        serve this ONNX file instead of the registry champion
     CTSYNTH_MAX_UPLOAD_BYTES  largest accepted request body (default 20 MB) -> 413 beyond it
     CTSYNTH_MAX_PIXELS        largest accepted image, width x height (default 40 M) -> 400 beyond it
+    CTSYNTH_MAX_LOGITS_BYTES  largest accepted /logits body (default 16 MB) -> 413 beyond it
+    CTSYNTH_MAX_CONCURRENCY   requests in flight (default 32) -> 429 beyond it; with the limits above
+                              it bounds the memory requests can hold (logged at start, in /model)
+    CTSYNTH_DECODE_THREADS    images decoded at once off the event loop (default 2)
+    CTSYNTH_REQUEST_TIMEOUT_S a request not answered within this many seconds gets 504 (default 30)
+    CTSYNTH_DICOM_WINDOW      lung (default) | header: as data.dicom_window of the params the model was trained with
     CTSYNTH_ORT_DEVICE        auto (default: CUDA when a driver is present, else CPU) | cpu | cuda
     CTSYNTH_ORT_THREADS       onnxruntime intra-op threads (default: onnxruntime's choice)
     CTSYNTH_MAX_BATCH_SIZE    adaptive batching, both paths: largest batch (default 64)
@@ -42,6 +52,7 @@ import ctypes
 import gc
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,26 +69,34 @@ except ImportError:  # inside a bento built from serving/bentofile.yaml the sour
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fastapi import FastAPI
 from pydantic import AfterValidator, BaseModel, Field
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from ctsynth.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, is_dicom, preprocess_bytes
-from ctsynth.export import INPUT_NAME, OUTPUT_NAME
+from ctsynth.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, header_pixels, preprocess_bytes
+from serving import guard
 from serving.batching import ContinuousBatcher
+from serving.openapi import valid_openapi
+from serving.upload import IMAGE_FIELD, MULTIPART_OVERHEAD_BYTES, RequestRejected, error_response, read_image_upload
 
 log = logging.getLogger("ctsynth.serving")
 
-IMAGE_FIELD = "image"
 PREDICT_PATH = "/predict"
+LOGITS_PATH = "/logits"
+MODEL_PATH = "/model"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-# Requests up to this much over the image itself are multipart framing, not image bytes.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
-# Uploads up to this size are decoded on the event loop (a 64 px PNG: ~0.1 ms, cheaper than the
-# hop to a thread); larger ones, a 512 x 512 DICOM or a big JPEG, in a thread so that they do not
-# stall the other requests.
-INLINE_DECODE_MAX_BYTES = 64 * 1024
+DEFAULT_MAX_LOGITS_BYTES = 16 * 1024 * 1024
+# Any other route (/model takes `{}`) gets at most this body.
+OTHER_BODY_LIMIT_BYTES = 64 * 1024
+# Images whose header promises up to this many pixels are decoded on the event loop (a 64 px PNG:
+# ~0.1 ms, cheaper than the hop to a thread); larger ones, and every DICOM, in the decode threads,
+# so that they do not stall the other requests. Decided by the header, not by the compressed size:
+# a 40 KB PNG can hold 39000 x 1000 pixels.
+INLINE_DECODE_MAX_PIXELS = 256 * 256
+# Peak bytes one decode allocates per image pixel: an RGB PNG, the worst of RGB PNG / 16-bit PNG /
+# CT DICOM (PIL's RGB and L copies, the float32 grey, the uint8 square); peak RSS measured in
+# docs/serving.md.
+DECODE_BYTES_PER_PIXEL = 24
 BUNDLED_MODEL = "models/classifier/model.onnx"  # what serving/bentofile.yaml packs into a bento
 
 
@@ -105,6 +124,13 @@ def _bundled_model() -> str | None:
     return None
 
 
+def _dicom_window() -> str:
+    window = os.environ.get("CTSYNTH_DICOM_WINDOW", "lung").strip().lower() or "lung"
+    if window not in ("lung", "header"):
+        raise SystemExit(f"ctsynth serving: CTSYNTH_DICOM_WINDOW={window!r}; use lung or header")
+    return window
+
+
 @dataclass(frozen=True)
 class ServingSettings:
     onnx_model: str | None
@@ -114,6 +140,17 @@ class ServingSettings:
     ort_threads: int | None
     max_batch_size: int
     max_latency_ms: int
+    max_concurrency: int
+    decode_threads: int
+    max_logits_bytes: int
+    request_timeout_s: int
+    dicom_window: str
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """What requests can hold at once: every admitted request's body, plus the decodes running."""
+        bodies = self.max_concurrency * (max(self.max_upload_bytes + MULTIPART_OVERHEAD_BYTES, self.max_logits_bytes))
+        return bodies + self.decode_threads * self.max_pixels * DECODE_BYTES_PER_PIXEL
 
     @classmethod
     def from_env(cls) -> "ServingSettings":
@@ -129,6 +166,11 @@ class ServingSettings:
             ort_threads=_env_int("CTSYNTH_ORT_THREADS", 0) if threads else None,
             max_batch_size=_env_int("CTSYNTH_MAX_BATCH_SIZE", 64),
             max_latency_ms=_env_int("CTSYNTH_MAX_LATENCY_MS", 1000),
+            max_concurrency=_env_int("CTSYNTH_MAX_CONCURRENCY", 32),
+            decode_threads=_env_int("CTSYNTH_DECODE_THREADS", 2),
+            max_logits_bytes=_env_int("CTSYNTH_MAX_LOGITS_BYTES", DEFAULT_MAX_LOGITS_BYTES),
+            request_timeout_s=_env_int("CTSYNTH_REQUEST_TIMEOUT_S", 30),
+            dicom_window=_dicom_window(),
         )
 
 
@@ -197,122 +239,14 @@ def check_model_available(settings: ServingSettings) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the upload: every check that must happen before the image is decoded.
+# Where an upload is decoded (the upload itself is read and checked in serving/upload.py).
 
 
-class RequestRejected(Exception):
-    """A request we answer with a 4xx JSON error; `response` is that answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.response = _error(status, code, message)
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code}, status_code=status)
-
-
-def _too_large(max_upload_bytes: int) -> RequestRejected:
-    return RequestRejected(
-        413,
-        "too_large",
-        f"request body exceeds the limit of {max_upload_bytes} bytes for the image (set CTSYNTH_MAX_UPLOAD_BYTES to change it)",
-    )
-
-
-async def _read_body(request: Request, max_upload_bytes: int) -> bytes:
-    """The whole body, refused as soon as it passes the limit (a declared Content-Length first)."""
-    limit = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(max_upload_bytes)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(max_upload_bytes)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise RequestRejected(400, "incomplete_body", "the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
-
-
-def _replay(body: bytes):
-    """An ASGI `receive` that hands over the already-read body once, for the form parser."""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
-async def read_image_upload(request: Request, max_upload_bytes: int) -> bytes:
-    """The bytes of the one file in multipart field `image`, or RequestRejected saying what is wrong.
-
-    Checked here, because a generic multipart parser would not: the byte limit while the body
-    arrives, the content type, exactly one part and it named `image`, and a file rather than a
-    text value (a text `image` holding a URL must never be fetched).
-    """
-    body = await _read_body(request, max_upload_bytes)
-    if not body:
-        raise RequestRejected(400, "empty_body", f"empty request body: send multipart/form-data with a file field '{IMAGE_FIELD}'")
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
-        raise RequestRejected(
-            415,
-            "unsupported_media_type",
-            f"Content-Type is {content_type or 'missing'!r}; send multipart/form-data with a file field "
-            f"'{IMAGE_FIELD}' (curl -F {IMAGE_FIELD}=@slice.png ...)",
-        )
-    try:
-        form = await Request(request.scope, _replay(body)).form(max_files=4, max_fields=16)
-    except Exception as exc:  # starlette raises MultiPartException / ValueError / KeyError on garbage
-        raise RequestRejected(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
-    try:
-        images = form.getlist(IMAGE_FIELD)
-        others = sorted({k for k in form.keys() if k != IMAGE_FIELD})
-        if not images:
-            raise RequestRejected(
-                400, "missing_field", f"multipart field '{IMAGE_FIELD}' is missing (got fields {others}); send the file as '{IMAGE_FIELD}'"
-            )
-        if others:
-            raise RequestRejected(400, "unexpected_field", f"unexpected multipart fields {others}; send only '{IMAGE_FIELD}'")
-        if len(images) > 1:
-            raise RequestRejected(400, "too_many_files", f"{len(images)} files in field '{IMAGE_FIELD}'; send one image per request")
-        upload = images[0]
-        if not isinstance(upload, UploadFile):
-            raise RequestRejected(
-                400,
-                "not_a_file",
-                f"field '{IMAGE_FIELD}' is a text value, not a file upload (curl -F {IMAGE_FIELD}=@slice.png: note the @)",
-            )
-        if upload.size is not None and upload.size > max_upload_bytes:
-            raise RequestRejected(413, "too_large", f"image has {upload.size} bytes; the limit is {max_upload_bytes}")
-        return await upload.read()
-    finally:
-        await form.close()
-
-
-def _check_dicom_header(data: bytes, max_pixels: int) -> None:
-    """Reject a DICOM whose header promises more pixels than allowed, before decoding any of them."""
-    import io
-
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:
-        return  # preprocess reports unreadable files with its own message
-    rows, columns = int(getattr(header, "Rows", 0) or 0), int(getattr(header, "Columns", 0) or 0)
-    frames = int(getattr(header, "NumberOfFrames", 1) or 1)
-    if rows * columns * frames > max_pixels:
-        raise ImageDecodeError(f"DICOM image has {columns}x{rows}x{frames} = {rows * columns * frames} pixels; the limit is {max_pixels}")
+def decodes_inline(data: bytes) -> bool:
+    """Whether an upload is small enough, by the pixel count in its header, to decode on the event
+    loop; everything else, and every DICOM, goes to the decode threads."""
+    pixels = header_pixels(data)
+    return pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS
 
 
 def _freeze_startup_objects() -> None:
@@ -365,7 +299,9 @@ def _check_model_input_shape(images: np.ndarray) -> np.ndarray:
 @bentoml.service(
     name="ctsynth_classifier",
     workers=1,
-    traffic={"timeout": 30, "max_concurrency": 1024},
+    # Past max_concurrency requests in flight BentoML answers 429 at once (rewritten into our JSON
+    # shape by serving/guard.py): it bounds the memory that request bodies can hold.
+    traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
 )
 class CTSynthClassifier:
     """Chest-CT slice classifier: POST a PNG, JPEG or DICOM as multipart field `image` to /predict."""
@@ -382,6 +318,8 @@ class CTSynthClassifier:
         self.settings = SETTINGS
         self.model = _load_model(SETTINGS)
         self.session = _make_session(self.model.onnx_bytes, SETTINGS)
+        # the exported graph's one input and one output (ctsynth.export names them)
+        self.input_name, self.output_name = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
         log.info(
             "serving %s version %s (%s): classes %s, %d px, onnxruntime providers %s",
             self.model.name,
@@ -392,6 +330,16 @@ class CTSynthClassifier:
             self.session.get_providers(),
         )
         self.batcher = ContinuousBatcher(self._run_model, SETTINGS.max_batch_size)
+        # Decodes off the event loop run here, at most decode_threads at a time (the memory budget).
+        self.decoder = ThreadPoolExecutor(max_workers=SETTINGS.decode_threads, thread_name_prefix="ctsynth-decode")
+        log.info(
+            "limits: %d requests in flight, %d decode threads, %d bytes per upload, %d pixels per image: at most %.0f MB held by requests",
+            SETTINGS.max_concurrency,
+            SETTINGS.decode_threads,
+            SETTINGS.max_upload_bytes,
+            SETTINGS.max_pixels,
+            SETTINGS.memory_budget_bytes / 1e6,
+        )
         self.array_batches = 0  # /logits, batched by BentoML
         self.array_images = 0
         # First run allocates; do it now rather than in the first request.
@@ -401,22 +349,21 @@ class CTSynthClassifier:
     @bentoml.on_shutdown
     def _stop_batching(self) -> None:
         self.batcher.close()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def _run_model(self, images: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        (logits,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
         return logits
 
     def _preprocess(self, data: bytes) -> np.ndarray:
-        if is_dicom(data):
-            _check_dicom_header(data, self.settings.max_pixels)
-        return preprocess_bytes(data, self.model.resolution, max_pixels=self.settings.max_pixels)
+        return preprocess_bytes(data, self.model.resolution, max_pixels=self.settings.max_pixels, dicom_window=self.settings.dicom_window)
 
     async def classify(self, data: bytes) -> dict[str, Any]:
         """Image bytes -> the /predict answer; ImageDecodeError or MemoryError for a bad image."""
-        if len(data) <= INLINE_DECODE_MAX_BYTES:
+        if decodes_inline(data):
             model_input = self._preprocess(data)
         else:
-            model_input = await asyncio.to_thread(self._preprocess, data)
+            model_input = await asyncio.get_running_loop().run_in_executor(self.decoder, self._preprocess, data)
         probabilities = _softmax(await self.batcher(model_input))
         classes = self.model.classes
         return {
@@ -426,7 +373,7 @@ class CTSynthClassifier:
         }
 
     @bentoml.api(
-        route="/logits",
+        route=LOGITS_PATH,
         batchable=True,
         batch_dim=0,
         max_batch_size=SETTINGS.max_batch_size,
@@ -439,7 +386,7 @@ class CTSynthClassifier:
         self.array_images += len(images)
         return logits
 
-    @bentoml.api(route="/model")
+    @bentoml.api(route=MODEL_PATH)
     def model_info(self) -> dict[str, Any]:
         """Which model answers (registry name and version, classes, resolution, providers) and
         how many images each path has run in how many batches."""
@@ -449,10 +396,19 @@ class CTSynthClassifier:
             "version": self.model.version,
             "classes": self.model.classes,
             "resolution": self.model.resolution,
-            "source": self.model.source,
+            # where the model came from, without server file paths
+            "source": self.model.source if self.model.source.startswith("models:/") else "file",
             "providers": self.session.get_providers(),
             "predict": {"batches": stats.batches, "images": stats.images, "largest_batch": stats.largest},
             "logits": {"batches": self.array_batches, "images": self.array_images},
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_logits_bytes": self.settings.max_logits_bytes,
+                "max_pixels": self.settings.max_pixels,
+                "max_concurrency": self.settings.max_concurrency,
+                "decode_threads": self.settings.decode_threads,
+                "memory_budget_bytes": self.settings.memory_budget_bytes,
+            },
         }
 
 
@@ -469,7 +425,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     # e.g. GET /predict: the same JSON error shape as every other refusal, not FastAPI's {"detail"}
     code = {405: "method_not_allowed", 404: "not_found"}.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}" + (f"; use POST {PREDICT_PATH}" if exc.status_code == 405 else "")
-    return _error(exc.status_code, code, message)
+    return error_response(exc.status_code, code, message)
 
 
 @http_app.post(
@@ -510,12 +466,12 @@ async def predict(request: Request) -> Response:
     except RequestRejected as rejected:
         return rejected.response
     except ImageDecodeError as exc:
-        return _error(400, "invalid_image", f"field '{IMAGE_FIELD}': {exc}")
+        return error_response(400, "invalid_image", f"field '{IMAGE_FIELD}': {exc}")
     except MemoryError:
-        return _error(413, "too_large", f"field '{IMAGE_FIELD}': the image is too large to decode")
+        return error_response(413, "too_large", f"field '{IMAGE_FIELD}': the image is too large to decode")
     except Exception:
         log.exception("POST %s failed", PREDICT_PATH)
-        return _error(500, "internal_error", "the service failed on this request; the error is in the server log")
+        return error_response(500, "internal_error", "the service failed on this request; the error is in the server log")
 
 
 async def _docs_redirect(scope: dict, receive: Any, send: Any) -> None:
@@ -544,6 +500,14 @@ class PredictDirectly:
 
 
 CTSynthClassifier.add_asgi_middleware(PredictDirectly)
+guard.install(
+    CTSynthClassifier,
+    known_paths={PREDICT_PATH, LOGITS_PATH, MODEL_PATH, "/docs", "/docs/"},
+    # /predict reads its body itself, refusing it past CTSYNTH_MAX_UPLOAD_BYTES with its own message
+    body_limits={PREDICT_PATH: None, LOGITS_PATH: SETTINGS.max_logits_bytes},
+    default_body_limit=OTHER_BODY_LIMIT_BYTES,
+    fix_document=valid_openapi,
+)
 CTSynthClassifier.mount_asgi_app(http_app, path="/")
 CTSynthClassifier.mount_asgi_app(_docs_redirect, path="/docs")
 # `bentoml build -f serving/bentofile.yaml .` (from the repository root) packages the service, the

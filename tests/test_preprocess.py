@@ -160,3 +160,49 @@ def test_pixel_limit_is_checked_before_decoding(width, height, message):
     with pytest.raises(ImageDecodeError, match=message):
         decode_image(_png_header(width, height), max_pixels=1_000_000)
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's process-wide guard is left as it is
+
+
+def _square_resize_reference(grey: np.ndarray, resolution: int) -> np.ndarray:
+    """The textbook definition: pad in float to a centred square, quantise, resize."""
+    height, width = grey.shape
+    side = max(height, width)
+    canvas = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top : top + height, left : left + width] = grey
+    as_uint8 = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
+    if side == resolution:
+        return as_uint8
+    return np.asarray(Image.fromarray(as_uint8, mode="L").resize((resolution, resolution), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize("shape", [(30, 47), (47, 30), (64, 64), (100, 7), (5, 200)])
+def test_square_resize_equals_padding_in_float_then_resizing(shape):
+    grey = np.random.default_rng(1).random(shape, dtype=np.float32)
+    np.testing.assert_array_equal(square_resize(grey, 32), _square_resize_reference(grey, 32))
+
+
+def test_square_padding_memory_is_bounded_by_the_pixel_limit():
+    # 8000 x 100 passes a 1 M pixel limit (0.8 M pixels) but its square is 64 M pixels: padding it
+    # in float32 with its temporaries allocated ~0.8 GB. It is scaled down to fit the limit first.
+    import tracemalloc
+
+    elongated = np.ones((100, 8000), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        out = square_resize(elongated, 32, max_pixels=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (32, 32) and out.dtype == np.uint8
+    assert peak < 16 * 1024 * 1024, f"square_resize of 8000 x 100 peaked at {peak / 1e6:.0f} MB"
+    # the picture is still there: a white band, 100/8000 of the square, black above and below
+    assert out.mean() == pytest.approx(255 * 100 / 8000, rel=0.3) and out[0].max() == 0 and out[-1].max() == 0
+
+
+def test_header_pixels_reads_the_size_without_decoding():
+    from ctsynth.data.preprocess import header_pixels
+
+    assert header_pixels(_png_header(39_000, 1_000)) == 39_000_000  # ~100 bytes of PNG
+    assert header_pixels(_encode(Image.new("L", (20, 10)))) == 200
+    assert header_pixels(open(get_testdata_file("CT_small.dcm"), "rb").read()) is None
+    assert header_pixels(b"not an image") is None

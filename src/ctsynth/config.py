@@ -41,6 +41,8 @@ class DataParams(Section):
     class_aliases: dict[str, list[str]] = DEFAULT_CLASS_ALIASES
     splits: list[str] = ["train", "valid", "test"]
     phantom_seed: int = 0
+    # DICOM intensity: "lung" = CT in the lung window; "header" = the file's own WindowCenter/Width.
+    dicom_window: Literal["lung", "header"] = "lung"
 
     @model_validator(mode="after")
     def _classes_have_aliases(self) -> "DataParams":

@@ -8,6 +8,7 @@ temporary MLflow store, exactly as the `select` stage does it.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import struct
@@ -18,6 +19,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 import requests
@@ -25,6 +27,9 @@ import torch
 from PIL import Image
 
 from ctsynth.data.preprocess import preprocess_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test inputs in tests/
+from _dicom_data import deflate_bomb  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +39,7 @@ RESOLUTION = 32
 CLASSES = ["normal", "squamous"]
 MAX_UPLOAD_BYTES = 200_000
 MAX_PIXELS = 1_000_000
+MAX_LOGITS_BYTES = 300_000
 START_TIMEOUT_S = 120
 
 
@@ -63,8 +69,10 @@ def _server_env(store: Path, **extra: str) -> dict[str, str]:
         CTSYNTH_ORT_DEVICE="cpu",
         CTSYNTH_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         CTSYNTH_MAX_PIXELS=str(MAX_PIXELS),
+        CTSYNTH_MAX_LOGITS_BYTES=str(MAX_LOGITS_BYTES),
         BENTOML_HOME=str(store / "bentoml"),
-        PYTHONPATH=str(REPO),
+        # this checkout's ctsynth and serving packages, whatever an installed ctsynth points at
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
         **extra,
     )
     return env
@@ -155,6 +163,10 @@ def _dicom_variant(edit) -> bytes:
     return buffer.getvalue()
 
 
+def _pydicom_file(name: str) -> bytes:
+    return (Path(__import__("pydicom").__file__).parent / "data" / "test_files" / name).read_bytes()
+
+
 def _png_header_bomb(width: int, height: int) -> bytes:
     """A valid PNG signature + IHDR promising width x height pixels, with a few bytes of data."""
 
@@ -220,6 +232,8 @@ def _bad_requests() -> list[tuple[str, dict, int, str]]:
         ("two_images", {"files": [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]}, 400, "one image per request"),
         ("text_not_file", {"files": {"image": (None, "http://127.0.0.1:1/x.png")}}, 400, "not a file upload"),
         ("json_body", {"json": {"image": "http://127.0.0.1:1/x.png"}}, 415, "send multipart/form-data"),
+        ("dicom_bad_header", {"files": {"image": ("badVR.dcm", _pydicom_file("badVR.dcm"), "application/dicom")}}, 400, "is not a number"),
+        ("dicom_deflate_bomb", {"files": {"image": ("bomb.dcm", deflate_bomb(64 << 20), "application/dicom")}}, 400, "inflates to more than"),
         ("garbage_multipart", {"data": b"--xyz\r\ngarbage", "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}}, 400, ""),
     ]
 
@@ -400,3 +414,124 @@ def test_refuses_to_start_without_a_model(tmp_path, extra_env, phrase):
     server.stop()
     assert code != 0
     assert "ctsynth serving cannot start" in output and phrase in output, output[-3000:]
+
+
+def test_an_elongated_image_is_scaled_before_padding(registry_server):
+    # 5000 x 150 passes the 1 M pixel limit; its square (25 M pixels) would not: scaled first, same as in-process
+    server, onnx_path, _ = registry_server
+    data = _png(np.tile(np.linspace(0, 255, 5000).astype(np.uint8), (150, 1)))
+    response = server.predict(files={"image": ("wide.png", data, "image/png")})
+    assert response.status_code == 200, response.text
+    from ctsynth.export import cpu_session
+
+    (logits,) = cpu_session(onnx_path).run(["logits"], {"image": preprocess_bytes(data, RESOLUTION, max_pixels=MAX_PIXELS)[None]})
+    expected = np.exp(logits[0] - logits[0].max())
+    np.testing.assert_allclose([response.json()["probabilities"][c] for c in CLASSES], expected / expected.sum(), atol=1e-5)
+
+
+def test_unknown_urls_get_a_json_404_and_no_metrics_series(registry_server):
+    server, _, _ = registry_server
+    for path in ("/admin", "/wp-login.php", "/predict/extra", "/logits2"):
+        response = requests.post(f"{server.url}{path}", timeout=10)
+        assert response.status_code == 404 and response.json()["code"] == "not_found", (path, response.text)
+        assert requests.get(f"{server.url}{path}", timeout=10).json()["code"] == "not_found"
+    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    for path in ("/admin", "/wp-login.php", "/predict/extra", "/logits2"):
+        assert f'endpoint="{path}"' not in metrics, path
+
+
+def test_logits_has_a_body_limit(registry_server):
+    server, _, _ = registry_server
+    huge = json.dumps({"images": np.zeros((80, 1, RESOLUTION, RESOLUTION)).tolist()}).encode()
+    assert len(huge) > MAX_LOGITS_BYTES
+    declared = requests.post(f"{server.url}/logits", data=huge, headers={"Content-Type": "application/json"}, timeout=30)
+    assert declared.status_code == 413 and declared.json() == {
+        "error": f"request body exceeds the limit of {MAX_LOGITS_BYTES} bytes for /logits",
+        "code": "too_large",
+    }
+    # no Content-Length (chunked): counted as it arrives
+    chunked = requests.post(
+        f"{server.url}/logits", data=(huge[i : i + 65536] for i in range(0, len(huge), 65536)), headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert chunked.status_code == 413 and chunked.json()["code"] == "too_large", chunked.text
+    # BentoML's own validation error of /logits: the same shape
+    bad = requests.post(f"{server.url}/logits", json={"images": "not an array"}, timeout=10)
+    assert bad.status_code == 400 and set(bad.json()) == {"error", "code"}, bad.text
+    assert server.predict(files={"image": GOOD_PNG}).status_code == 200
+
+
+def test_openapi_document_validates(registry_server):
+    from openapi_spec_validator import validate
+
+    server, _, _ = registry_server
+    document = requests.get(f"{server.url}/docs.json", timeout=10).json()
+    validate(document)  # raises on any violation of OpenAPI 3.0
+    images = document["components"]["schemas"]["logits__Input"]["properties"]["images"]
+    assert images["type"] == "array" and images["items"]["items"]["items"]["items"]["type"] == "number"
+    assert {"/predict", "/logits", "/model"} <= set(document["paths"])
+
+
+def test_bentoml_client_and_plain_http_client(registry_server):
+    server, onnx_path, version = registry_server
+    from ctsynth.export import cpu_session
+
+    arrays = np.stack([preprocess_bytes(_png(_slice(300 + i)), RESOLUTION) for i in range(3)])  # 3 x 1 x R x R
+    (expected,) = cpu_session(onnx_path).run(["logits"], {"image": arrays})
+    with bentoml.SyncHTTPClient(server.url) as client:
+        np.testing.assert_allclose(np.asarray(client.logits(images=arrays)), expected, atol=1e-5)
+        assert client.model_info()["version"] == version
+    plain = requests.post(f"{server.url}/logits", json={"images": arrays.tolist()}, timeout=30)
+    assert plain.status_code == 200
+    np.testing.assert_allclose(np.array(plain.json()), expected, atol=1e-5)
+    # /predict takes a file upload: a plain multipart POST (curl -F image=@slice.png)
+    assert server.predict(files={"image": GOOD_PNG}).json()["model"]["version"] == version
+
+
+def _stalled_upload(server: Server, path: str = "/predict") -> socket.socket:
+    """A request whose body never finishes arriving: it holds a concurrency slot until the timeout."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        f"Content-Length: 10000\r\n\r\n--x\r\n".encode()
+    )
+    return sock
+
+
+def test_busy_and_timed_out_requests_get_json_refusals(tmp_path):
+    from ctsynth.export import export_onnx
+
+    onnx_path = export_onnx(_tiny_cnn(2, seed=3), RESOLUTION, CLASSES, tmp_path / "m.onnx")
+    env = _server_env(tmp_path, CTSYNTH_ONNX_MODEL=str(onnx_path), CTSYNTH_MAX_CONCURRENCY="1", CTSYNTH_REQUEST_TIMEOUT_S="5")
+    server = Server(env, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        stalled = _stalled_upload(server)
+        # BentoML refuses what passes max_concurrency with its own 429, rewritten into our shape
+        deadline = time.monotonic() + 30
+        busy = None
+        while time.monotonic() < deadline:
+            busy = requests.post(f"{server.url}/model", json={}, timeout=10)
+            if busy.status_code == 429:
+                break
+            time.sleep(0.1)
+        assert busy is not None and busy.status_code == 429, busy.text if busy is not None else None
+        assert busy.json() == {"error": "Too many requests", "code": "too_many_requests"}
+        # the health endpoints are not counted
+        assert requests.get(f"{server.url}/livez", timeout=5).status_code == 200
+        # BentoML's timeout answers the stalled request with 504, rewritten into our shape
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = stalled.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        stalled.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 504"), answer
+        assert json.loads(body) == {"error": "Not able to process the request in 5 seconds", "code": "timeout"}
+        assert server.predict(files={"image": GOOD_PNG}).status_code == 200
+        info = requests.post(f"{server.url}/model", json={}, timeout=10).json()
+        assert str(tmp_path) not in json.dumps(info) and info["source"] == "file"
+        assert info["limits"]["max_concurrency"] == 1 and info["limits"]["memory_budget_bytes"] > 0
+    finally:
+        server.stop()

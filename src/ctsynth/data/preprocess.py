@@ -1,8 +1,9 @@
 """The one preprocessing path, shared by `prepare`, classifier training, ONNX export and serving.
 
     bytes (PNG / JPEG / DICOM, any mode)
-      -> decode_image:      grey float image in [0, 1] + what the file was (size, mode)
-      -> square_resize:     pad to square with black (air), resize to N x N, quantise to uint8
+      -> decode_image:      grey float image in [0, 1] + what the file was (size, mode);
+                            DICOM through ctsynth.data.dicom (compressed syntaxes, colour, windows)
+      -> square_resize:     quantise to uint8, pad to square with black (air), resize to N x N
       -> to_model_input:    float32 1 x N x N in [-1, 1]  (the ONNX model's `image` input)
 
 `prepare` stores the uint8 result as PNG; everything downstream reads those PNGs back through
@@ -13,6 +14,7 @@ model input bit for bit (tested).
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,36 +49,6 @@ def lung_window(hu: np.ndarray, center: float = LUNG_WINDOW_CENTER_HU, width: fl
     return np.clip((hu.astype(np.float32) - low) / width, 0.0, 1.0)
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ImageDecodeError(f"DICOM file could not be read: {exc}") from exc
-    if "PixelData" not in dataset:
-        raise ImageDecodeError("DICOM file has no pixel data (PixelData element missing)")
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageDecodeError(f"DICOM file has {frames} frames; send one slice per request")
-    # From the header, before decoding: compressed pixel data can expand to far more than its bytes.
-    rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
-    if rows * columns > max_pixels:
-        raise ImageDecodeError(f"image has {columns}x{rows} = {rows * columns} pixels; the limit is {max_pixels}")
-    try:
-        raw = dataset.pixel_array.astype(np.float32)
-    except Exception as exc:  # pydicom raises many types for broken or unsupported pixel data
-        raise ImageDecodeError(f"DICOM pixel data could not be decoded: {exc}") from exc
-    if raw.ndim != 2:
-        raise ImageDecodeError(f"DICOM pixel data has shape {raw.shape}; expected one 2-D slice")
-    slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
-    hu = raw * slope + intercept
-    height, width = hu.shape
-    return DecodedImage(lung_window(hu), width=width, height=height, mode="DICOM", format="DICOM")
-
-
 def _pil_to_grey(image: Image.Image) -> np.ndarray:
     """Any PIL mode -> float32 grey in [0, 1]; transparency is composited onto black (air)."""
     mode = image.mode
@@ -103,18 +75,35 @@ def _pil_to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode PNG, JPEG (any mode, 8 or 16 bit) or a single-slice DICOM into grey [0, 1]."""
+def header_pixels(data: bytes) -> int | None:
+    """The pixel count a PNG or JPEG header promises, read without decoding (tens of microseconds);
+    None for DICOM and anything unreadable. Callers use it to decide where to decode."""
+    if not data or is_dicom(data):
+        return None
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # not an image, or PIL's bomb guard: decode_image says why
+        return None
+    return width * height
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, dicom_window: str = "lung") -> DecodedImage:
+    """Decode PNG, JPEG (any mode, 8 or 16 bit) or a single-slice DICOM into grey [0, 1].
+    `dicom_window`: "lung" (CT in the lung window) or "header" (the DICOM header's own window)."""
     if not data:
         raise ImageDecodeError("empty file: no bytes received")
     if is_dicom(data):
-        return _decode_dicom(data, max_pixels)
+        from ctsynth.data.dicom import decode_dicom  # imports this module: loaded on first use
+
+        return decode_dicom(data, max_pixels, window=dicom_window)
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # PIL's own guard, past 2 x Image.MAX_IMAGE_PIXELS
         raise ImageDecodeError(f"image is far over the pixel limit of {max_pixels}: {exc}") from exc
     except Exception as exc:
-        raise ImageDecodeError(f"not a PNG, JPEG or DICOM image ({exc.__class__.__name__}: {exc})") from exc
+        raise ImageDecodeError(
+            f"not a PNG, JPEG or DICOM image ({exc.__class__.__name__}: {exc}); a DICOM file starts with a 128-byte preamble and 'DICM'"
+        ) from exc
     width, height = image.size
     if width * height > max_pixels:
         raise ImageDecodeError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
@@ -133,17 +122,32 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     return DecodedImage(grey, width=width, height=height, mode=mode, format=str(image.format))
 
 
-def square_resize(grey: np.ndarray, resolution: int) -> np.ndarray:
-    """Pad to a centred square with black, then resize to resolution x resolution; uint8 out."""
+def square_resize(grey: np.ndarray, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Pad to a centred square with black, then resize to resolution x resolution; uint8 out.
+
+    Memory is bounded by what is allocated, not by width x height: the square canvas is uint8 (the
+    quantisation commutes with black padding, so this is the same result as padding in float), and
+    an image so elongated that its square would pass `max_pixels` (39000 x 1000 -> 1.5 G pixels) is
+    first scaled down, keeping its aspect, until the square fits.
+    """
     height, width = grey.shape
+    scaled = grey.astype(np.float32, copy=False) * np.float32(255.0)
+    np.rint(scaled, out=scaled)  # in place: one float32 temporary, not three
+    np.clip(scaled, 0, 255, out=scaled)
+    as_uint8 = scaled.astype(np.uint8)
+    del scaled
+    max_side = math.isqrt(max_pixels)
+    if max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        as_uint8 = np.asarray(Image.fromarray(as_uint8, mode="L").resize((width, height), Image.Resampling.LANCZOS), dtype=np.uint8)
     side = max(height, width)
-    canvas = np.zeros((side, side), dtype=np.float32)
+    canvas = np.zeros((side, side), dtype=np.uint8)
     top, left = (side - height) // 2, (side - width) // 2
-    canvas[top : top + height, left : left + width] = grey
-    as_uint8 = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
+    canvas[top : top + height, left : left + width] = as_uint8
     if side == resolution:
-        return as_uint8
-    resized = Image.fromarray(as_uint8, mode="L").resize((resolution, resolution), Image.Resampling.LANCZOS)
+        return canvas
+    resized = Image.fromarray(canvas, mode="L").resize((resolution, resolution), Image.Resampling.LANCZOS)
     return np.asarray(resized, dtype=np.uint8)
 
 
@@ -152,7 +156,7 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
     return (pixels.astype(np.float32) / 127.5 - 1.0)[None]
 
 
-def preprocess_bytes(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess_bytes(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS, dicom_window: str = "lung") -> np.ndarray:
     """Any supported file's bytes -> the model input (float32 1 x N x N). THE preprocessing function."""
-    decoded = decode_image(data, max_pixels=max_pixels)
-    return to_model_input(square_resize(decoded.pixels, resolution))
+    decoded = decode_image(data, max_pixels=max_pixels, dicom_window=dicom_window)
+    return to_model_input(square_resize(decoded.pixels, resolution, max_pixels=max_pixels))
