@@ -349,21 +349,33 @@ def quality_checks(metrics: dict[str, Any], params: SyntheticParams) -> dict[str
     return checks
 
 
+# Short keys: `dvc metrics show` prints one column per key, and the whole row must fit a terminal.
+HEADLINE_KEYS = {"kid": "kid", "frechet": "fd", "precision": "prec", "recall": "recall"}
+HEADLINE_DIGITS = 4  # significant digits: the floors' spread is far wider than the 5th digit
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.{HEADLINE_DIGITS}g}")
+
+
 def headline_metrics(metrics: dict[str, Any], params: SyntheticParams) -> dict[str, float | int]:
     """The numbers worth comparing across experiments, for `dvc metrics show/diff` and
-    `dvc exp show`: flat keys, numbers only, each quality number beside its real-vs-real floor.
-    A number that could not be computed (too few images) is left out, not written as null."""
+    `dvc exp show`: flat keys, numbers only, each quality number beside its real-vs-real floor
+    (`<key>_floor`): kid, fd (Fréchet distance), prec and recall (k-NN precision/recall), memo (the
+    fraction of synthetic images closer to a training image than the memorisation percentile),
+    copies (exact copies of training images), failed_checks. A number that could not be computed
+    (too few images) is left out, not written as null."""
     headline: dict[str, float | int] = {"failed_checks": len(metrics["failures"])}
     overall = metrics["quality"]["overall"]
-    for key in ("kid", "frechet", "precision", "recall"):
+    for key, short in HEADLINE_KEYS.items():
         for which, suffix in (("synthetic", ""), ("floor", "_floor")):
             value = (overall.get(which) or {}).get(key)
             if value is not None:
-                headline[f"{key}{suffix}"] = float(value)
+                headline[f"{short}{suffix}"] = _significant(value)
     memo = metrics["memorisation"]["overall"]
     for which, suffix in (("synthetic", ""), ("floor", "_floor")):
         if memo.get(which):
-            headline[f"memorised{suffix}"] = float(memo[which]["fraction_below"][params.memorisation_percentile])
+            headline[f"memo{suffix}"] = _significant(memo[which]["fraction_below"][params.memorisation_percentile])
     headline["copies"] = int(memo["synthetic"]["exact_copies"])
     return headline
 
