@@ -45,9 +45,13 @@ serve: | $(STAMP)
 	$(BIN)/bentoml serve serving.service:CTSynthClassifier --host $(SERVE_HOST) --port $(PORT)
 
 # MLflow UI on the local SQLite store (the one every stage writes when MLFLOW_TRACKING_URI is unset).
+# First marks the study's experiments as model-training ones (stores made before that rule), so the
+# UI opens on the runs table, not on MLflow's GenAI pages. docs/operations.md: which columns to add.
 MLFLOW_PORT ?= 5000
 .PHONY: ui mlflow-server
 ui: | $(STAMP)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/python -c \
+		'from ctsynth import tracking; [tracking.ensure_experiment(name) for name in tracking.EXPERIMENTS]'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 

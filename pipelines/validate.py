@@ -1,8 +1,9 @@
 """DVC stage `validate`: Great Expectations checks of data/raw + data/prepared.
 
-Reads params.yaml (data, validate), writes reports/validation/{summary,results}.json and the GX
-Data Docs under reports/validation/data_docs/, logs the result of every check to MLflow
-(experiment ctsynth-data) with the report folder as artifacts. Exits 1, after an ERROR log that
+Reads params.yaml (data, validate), writes reports/validation/summary.json (the few numbers DVC
+compares), details.json and results.json and the GX Data Docs under reports/validation/data_docs/,
+logs the result of every check to MLflow (experiment ctsynth-data) with data/raw and data/prepared
+as dataset inputs and the report folder as artifacts. Exits 1, after an ERROR log that
 names every offending file, when a check listed in validate.fail_on fails.
 """
 
@@ -13,7 +14,7 @@ import sys
 from ctsynth.config import load_params
 from ctsynth.logs import setup_logging
 from ctsynth.paths import repo_root
-from ctsynth.tracking import EXPERIMENT_DATA, start_run
+from ctsynth.tracking import EXPERIMENT_DATA, log_lineage, start_run
 from ctsynth.validation.suite import validate_dataset
 
 
@@ -26,6 +27,7 @@ def main() -> int:
     with start_run(EXPERIMENT_DATA, "validate", tags={"stage": "validate", "success": result.success}):
         import mlflow
 
+        log_lineage([params.data.raw, params.data.prepared], context="evaluation", root=root)
         mlflow.log_params({"near_duplicate_max_hamming": params.validation.near_duplicate_max_hamming,
                            "near_duplicate_min_correlation": params.validation.near_duplicate_min_correlation,
                            "blank_max_std": params.validation.blank_max_std,

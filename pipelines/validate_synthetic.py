@@ -1,14 +1,15 @@
 """DVC stage `validate_synthetic`: the validate suite on the synthetic manifest + quality metrics.
 
-Reads params.yaml (data, synthetic), writes reports/synthetic/metrics.json and
-reports/synthetic/nearest_neighbours.png, logs to MLflow (experiment ctsynth-gan). Exits 1 when a
-check listed in synthetic.fail_on fails.
+Reads params.yaml (data, synthetic), writes reports/synthetic/metrics.json (the headline numbers
+DVC compares), reports/synthetic/details.json (everything) and
+reports/synthetic/nearest_neighbours.png, logs to MLflow (experiment ctsynth-gan) with
+data/prepared and data/synthetic as dataset inputs. Exits 1 when a check listed in
+synthetic.fail_on fails.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from ctsynth.config import load_params
 from ctsynth.logs import setup_logging

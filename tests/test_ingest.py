@@ -119,3 +119,52 @@ def test_phash_hamming():
     assert hamming(phash(image), phash(brighter)) <= 2
     assert hamming(phash(image), phash(rng.integers(0, 255, (64, 64), dtype=np.uint8))) > 10
     assert hamming("ffffffffffffffff", "0000000000000000") == 64
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_prepare_refuses_to_write_into_or_around_the_raw_data(raw, tmp_path):
+    repository = tmp_path / "repo"
+    copy = copy_tree(raw, repository / "data" / "raw")
+    before = _files(copy)
+    for out in (copy, copy / "train", repository / "data", repository):  # is, inside, or contains the raw data
+        result = prepare_dataset(copy, out, data_params(), repository=repository)
+        assert not result.ok and "raw data" in result.errors[0], out
+    outside = tmp_path / "elsewhere"
+    result = prepare_dataset(copy, outside, data_params(), repository=repository)
+    assert not result.ok and "outside the repository" in result.errors[0] and not outside.exists()
+    assert _files(copy) == before  # nothing touched
+
+
+def test_a_rerun_replaces_only_what_prepare_wrote(raw, tmp_path):
+    out = tmp_path / "prepared"
+    assert prepare_dataset(raw, out, data_params()).ok
+    first = _files(out)
+    # a file prepare did not write: the rerun refuses and deletes nothing
+    (out / "train" / "normal" / "my_notes.txt").write_text("keep me")
+    result = prepare_dataset(raw, out, data_params())
+    assert not result.ok and "my_notes.txt" in result.errors[0] and "nothing was deleted" in result.errors[0]
+    assert _files(out) == first | {"train/normal/my_notes.txt": b"keep me"}
+    (out / "train" / "normal" / "my_notes.txt").unlink()
+    # a PNG of the earlier run whose source is gone disappears; the rest is rewritten identically
+    smaller = copy_tree(raw, tmp_path / "raw")
+    removed_source = sorted((smaller / "train" / "normal").iterdir())[0]
+    removed_source.unlink()
+    assert prepare_dataset(smaller, out, data_params()).ok
+    second = _files(out)
+    assert len(second) == len(first) - 1 and all(first[name] == data for name, data in second.items() if name != "manifest.csv")
+
+
+def test_a_manifest_pointing_outside_the_output_deletes_nothing(raw, tmp_path):
+    out = tmp_path / "prepared"
+    assert prepare_dataset(raw, out, data_params()).ok
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    manifest = read_manifest(out)
+    manifest.loc[0, "path"] = "../victim.png"
+    manifest.to_csv(out / "manifest.csv", index=False)
+    result = prepare_dataset(raw, out, data_params())
+    assert not result.ok and "outside" in result.errors[0]
+    assert victim.read_bytes() == b"precious"

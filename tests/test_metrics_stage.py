@@ -30,8 +30,17 @@ def _run(tmp_path, prepared, **synthetic_kwargs):
 
 def test_stage_writes_metrics_with_floors_and_passes_fresh_images(tmp_path, prepared):
     result = _run(tmp_path, prepared)
-    written = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    written = json.loads((tmp_path / "report" / "details.json").read_text())
     assert written["success"] is True and result.success
+    # metrics.json (DVC metrics) holds the headline numbers only, flat, each beside its floor
+    headline = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(headline) == {"failed_checks", "copies", "memo", "memo_floor",
+                             *(f"{k}{s}" for k in ("kid", "fd", "prec", "recall") for s in ("", "_floor"))}
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in headline.values())
+    assert headline["kid"] == pytest.approx(written["quality"]["overall"]["synthetic"]["kid"], rel=1e-3)
+    assert headline["fd_floor"] == pytest.approx(written["quality"]["overall"]["floor"]["frechet"], rel=1e-3)
+    assert headline["recall_floor"] == pytest.approx(written["quality"]["overall"]["floor"]["recall"], rel=1e-3)
+    assert headline["failed_checks"] == 0 and headline["copies"] == 0
     assert (tmp_path / "report" / "nearest_neighbours.png").stat().st_size > 1000
     overall = written["quality"]["overall"]
     for key in ("kid", "kid_std", "frechet", "precision", "recall", "density", "coverage"):
@@ -54,6 +63,8 @@ def test_copies_of_training_images_fail_the_stage_and_are_named(tmp_path, prepar
     result = _run(tmp_path, prepared, copies=3)
     assert not result.success
     assert {"exact_copies", "memorisation", "leakage_exact"} <= set(result.failures)
+    headline = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert headline["copies"] == 6 and headline["failed_checks"] == len(result.failures)
     # The GX suite names the copied bytes with their training twin.
     offending = " ".join(result.metrics["checks"]["leakage_exact"]["offending"])
     assert "normal/00000.png" in offending and "normal_000.png" in offending
@@ -132,3 +143,11 @@ def test_inception_fid_is_computed_when_a_local_weights_file_is_given(tmp_path, 
     fid = result.metrics["quality"]["overall"]["fid_inception"]
     assert isinstance(fid["synthetic"], float) and isinstance(fid["floor"], float)
     assert "estimation noise" in fid["reason"]
+
+
+def test_dvc_metrics_show_of_the_metrics_file_fits_a_terminal(tmp_path, prepared):
+    from test_tracking import assert_readable_in_dvc
+
+    # the blurring generator: KID and Fréchet distance far above their floors, the widest numbers
+    _run(tmp_path, prepared, blur=True)
+    assert_readable_in_dvc({"reports/synthetic/metrics.json": tmp_path / "report" / "metrics.json"}, tmp_path)

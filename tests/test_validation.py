@@ -35,9 +35,18 @@ def test_clean_set_passes_and_writes_reports(raw, tmp_path):
     result = _prepare_and_validate(raw, tmp_path)
     assert result.success, result.failures
     assert all(c.success for c in result.checks)
+    # summary.json is DVC metrics: flat numbers only; the details sit beside it
     summary = json.loads((tmp_path / "report/summary.json").read_text())
-    assert summary["success"] is True and set(summary["checks"]) >= {"readable", "leakage_exact", "leakage_near", "blank"}
-    assert summary["counts"]["test"] == {"normal": 2, "squamous": 3}
+    assert summary == {"success": 1, "failed_checks": 0, "warnings": 0, "images_test": 5, "images_train": summary["images_train"],
+                       "images_valid": summary["images_valid"]}
+    assert all(type(v) is int for v in summary.values())
+    details = json.loads((tmp_path / "report/details.json").read_text())
+    assert details["success"] is True and set(details["checks"]) >= {"readable", "leakage_exact", "leakage_near", "blank"}
+    assert details["counts"]["test"] == {"normal": 2, "squamous": 3}
+    assert summary["images_train"] == sum(details["counts"]["train"].values()) > 0
+    from test_tracking import assert_readable_in_dvc
+
+    assert_readable_in_dvc({"reports/validation/summary.json": tmp_path / "report/summary.json"}, tmp_path)
     assert (tmp_path / "report/data_docs/index.html").is_file()
     assert "great_expectations" in json.loads((tmp_path / "report/results.json").read_text())
 
@@ -79,8 +88,10 @@ def test_each_broken_file_is_caught_and_named(raw, tmp_path):
     failures = "\n".join(result.failures)
     for name in ("corrupt.png", "truncated.png", "copied_from_test.png", "altered_copy.jpg", "blank.png", "misfiled.png"):
         assert name in failures
+    details = json.loads((tmp_path / "report/details.json").read_text())
+    assert details["success"] is False and details["checks"]["blank"]["n_offending"] == 1
     summary = json.loads((tmp_path / "report/summary.json").read_text())
-    assert summary["success"] is False and summary["checks"]["blank"]["n_offending"] == 1
+    assert summary["success"] == 0 and summary["failed_checks"] == sum(not c.success and c.severity == "fail" for c in result.checks) >= 4
     # Distinct phantom slices are not near duplicates of each other.
     assert len(_check(result, "leakage_near").offending) == 2  # the altered copy and its original
 
@@ -116,7 +127,8 @@ def test_cli_exits_non_zero_and_logs_each_offending_file(raw, tmp_path, caplog):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"data": {"resolution": 32},
                                            "validate": {"class_count_bounds": {"train": [1, 99], "valid": [1, 99], "test": [1, 99]}}}))
-    assert cli_main(["--params", str(params_file), "prepare", "--raw", str(broken), "--out", str(tmp_path / "prepared"), "--resolution", "32"]) == 0
+    assert cli_main(["--params", str(params_file), "prepare", "--raw", str(broken), "--out", str(tmp_path / "prepared"), "--resolution", "32",
+                     "--allow-outside-repo"]) == 0
     with caplog.at_level(logging.ERROR):
         code = cli_main(["--params", str(params_file), "validate", "--raw", str(broken), "--prepared", str(tmp_path / "prepared"),
                          "--report", str(tmp_path / "report")])

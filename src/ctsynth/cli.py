@@ -24,8 +24,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from ctsynth.config import load_params
     from ctsynth.data.ingest import prepare_dataset
 
+    from ctsynth.paths import repo_root
+
     data_params = load_params(args.params).data.model_copy(update={"resolution": args.resolution})
-    result = prepare_dataset(Path(args.raw), Path(args.out), data_params)
+    repository = None if args.allow_outside_repo else repo_root()
+    result = prepare_dataset(Path(args.raw), Path(args.out), data_params, repository=repository)
     return 0 if result.ok else 1
 
 
@@ -182,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", required=True, help="raw data in the Kaggle layout (split/class folder/files)")
     p.add_argument("--out", required=True, help="output folder for split/class/*.png and manifest.csv")
     p.add_argument("--resolution", type=int, required=True, help="output side length in pixels")
+    p.add_argument("--allow-outside-repo", action="store_true",
+                   help="allow an output folder outside the repository (it is never allowed inside the raw data)")
     p.set_defaults(handler=_prepare)
 
     p = commands.add_parser("validate", help="Great Expectations checks of raw + prepared data (leakage, blanks, counts)")
@@ -196,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--synthetic", required=True, help="folder with manifest.csv and {class}/*.png from `generate`")
     p.add_argument("--prepared", required=True, help="prepared real data (manifest.csv, train/valid splits)")
-    p.add_argument("--report", required=True, help="folder for metrics.json and nearest_neighbours.png")
+    p.add_argument("--report", required=True, help="folder for metrics.json, details.json and nearest_neighbours.png")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     p.set_defaults(handler=_validate_synthetic)
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ctsynth.device import DeviceSetting
 from ctsynth.paths import repo_root
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -188,6 +189,8 @@ class SyntheticParams(Section):
     # KID check: fails (when listed in fail_on) if synthetic KID > kid_max_ratio x the real floor.
     kid_max_ratio: float = Field(10.0, gt=0.0)
     nearest_neighbour_rows: int = Field(8, ge=1, le=64)
+    # Where the Inception features run (ctsynth.device: auto = CUDA when available, else CPU).
+    device: DeviceSetting = "auto"
     # The suite's class_counts check on the synthetic set: at least this many images per class.
     min_per_class: int = Field(1, ge=0)
     # These checks fail the stage; the rest only warn. Names are the validate suite's checks

@@ -15,7 +15,7 @@ fails on, naming each file. Only a missing raw or split folder is fatal.
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +25,12 @@ from tqdm import tqdm
 
 from ctsynth.config import DataParams
 from ctsynth.data.manifest import (
+    MANIFEST_NAME,
     STATUS_OK,
     STATUS_UNKNOWN_CLASS,
     STATUS_UNREADABLE,
     phash,
+    read_manifest,
     sha256_bytes,
     write_manifest,
 )
@@ -98,8 +100,64 @@ def _prepare_file(source: Path, raw: Path, out: Path, split: str, label: str, da
                 mean=float(intensity.mean()), std=float(intensity.std()))
 
 
-def prepare_dataset(raw: Path, out: Path, data_params: DataParams) -> PrepareResult:
-    """Decode, map classes, pad/resize every raw file; write PNGs and manifest.csv into `out`."""
+class UnsafeOutputError(ValueError):
+    """The output folder is one `prepare` must not write into (or clear)."""
+
+
+def check_output_folder(raw: Path, out: Path, repository: Path | None = None) -> None:
+    """Refuse an output that is, contains or lies inside the raw data, or (when `repository` is
+    given) lies outside that repository; clearing it could destroy data this stage does not own."""
+    raw_abs, out_abs = raw.resolve(), out.resolve()
+    if out_abs == raw_abs or raw_abs.is_relative_to(out_abs) or out_abs.is_relative_to(raw_abs):
+        raise UnsafeOutputError(f"output folder {out} is, contains or lies inside the raw data {raw}: choose another folder (data.prepared)")
+    if repository is not None and not out_abs.is_relative_to(repository.resolve()):
+        raise UnsafeOutputError(f"output folder {out} lies outside the repository {repository}; "
+                                "pass --allow-outside-repo (CLI) if that is intended")
+
+
+def remove_previous_output(out: Path) -> list[Path]:
+    """Delete what an earlier `prepare` wrote into `out` (the PNGs its manifest.csv lists, and the
+    manifest) and the folders that leaves empty; nothing else. Refuses, deleting nothing, when
+    `out` holds files no manifest accounts for. Returns the files removed."""
+    if not out.exists():
+        return []
+    # Absolute, normalised, symlinks NOT followed: a file DVC linked from its cache is unlinked
+    # here, never its target in the cache.
+    def absolute(path: Path) -> Path:
+        return Path(os.path.abspath(path))
+
+    out_abs = absolute(out)
+    listed: set[Path] = set()
+    manifest = out / MANIFEST_NAME
+    if manifest.exists():
+        previous = read_manifest(manifest)
+        for rel in previous.loc[previous["status"] == STATUS_OK, "path"]:
+            target = absolute(out / rel)
+            if not target.is_relative_to(out_abs):  # a manifest row must never reach outside out
+                raise UnsafeOutputError(f"{manifest} lists {rel!r}, which is outside {out}: not deleting anything")
+            listed.add(target)
+        listed.add(absolute(manifest))
+    present = {absolute(f) for f in out.rglob("*") if f.is_file() or f.is_symlink()}
+    foreign = sorted(present - listed)
+    if foreign:
+        shown = ", ".join(str(f.relative_to(out_abs)) for f in foreign[:5])
+        raise UnsafeOutputError(f"output folder {out} holds {len(foreign)} file(s) that no earlier `prepare` wrote "
+                                f"(e.g. {shown}): move them away or choose an empty folder; nothing was deleted")
+    removed = sorted(present & listed)
+    for file in removed:
+        file.unlink()
+    for folder in sorted((d for d in out.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def prepare_dataset(raw: Path, out: Path, data_params: DataParams, repository: Path | None = None) -> PrepareResult:
+    """Decode, map classes, pad/resize every raw file; write PNGs and manifest.csv into `out`.
+
+    `out` must not be (inside) the raw data and, when `repository` is given, must lie inside it;
+    what an earlier run wrote there is replaced, anything else there stops the stage unharmed.
+    """
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         message = f"raw data folder {raw} does not exist (make it with `ctsynth phantom --out {raw}` or put the Kaggle set there)"
@@ -112,10 +170,16 @@ def prepare_dataset(raw: Path, out: Path, data_params: DataParams) -> PrepareRes
         log.error(message)
         return PrepareResult(ok=False, errors=[message])
 
-    # Start from an empty output so no stale PNG from an earlier run survives.
-    for split in data_params.splits:
-        if (out / split).exists():
-            shutil.rmtree(out / split)
+    # Start from an empty output so no stale PNG from an earlier run survives, deleting only
+    # what that run wrote.
+    try:
+        check_output_folder(raw, out, repository)
+        removed = remove_previous_output(out)
+    except (UnsafeOutputError, ValueError) as exc:
+        log.error("%s", exc)
+        return PrepareResult(ok=False, errors=[str(exc)])
+    if removed:
+        log.info("removed %d files of the previous prepare run in %s", len(removed), out)
     out.mkdir(parents=True, exist_ok=True)
 
     result = PrepareResult(ok=True)

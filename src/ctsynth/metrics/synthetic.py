@@ -20,13 +20,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from ctsynth.config import DataParams, SyntheticParams, ValidateParams
+from ctsynth.device import resolve_device
 from ctsynth.data.manifest import MANIFEST_COLUMNS, STATUS_OK, STATUS_UNREADABLE, phash, read_manifest, sha256_bytes
 from ctsynth.data.preprocess import ImageDecodeError, decode_image, preprocess_bytes, square_resize
 from ctsynth.metrics.features import InceptionFeatures, PixelPCAFeatures, find_inception_weights
@@ -35,11 +36,15 @@ from ctsynth.metrics.kid import kernel_inception_distance
 from ctsynth.metrics.memorisation import memorisation
 from ctsynth.metrics.prdc import precision_recall_density_coverage
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 SYNTHETIC_MANIFEST = "manifest.csv"
 SYNTHETIC_REQUIRED_COLUMNS = ("path", "label", "label_id", "seed")
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # DVC metrics: the headline numbers only (see headline_metrics)
+DETAILS_FILE = "details.json"  # everything: per class, floors' spreads, checks with offending files
 FIGURE_FILE = "nearest_neighbours.png"
 SYNTHETIC_SPLIT = "synthetic"
 
@@ -130,8 +135,10 @@ def quality_metrics(
     synthetic: ImageSet,
     classes: list[str],
     params: SyntheticParams,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Distribution metrics overall and per class, each with its real-vs-real floor."""
+    """Distribution metrics overall and per class, each with its real-vs-real floor (the
+    Inception features, when used, on `device`; the pixel-PCA space is numpy on the CPU)."""
     half_a, half_b = split_halves(train.labels, params.seed)
     feature_space = PixelPCAFeatures.fit(train.images[half_a], params.pca_components, params.pca_resolution, params.seed)
     train_features = feature_space(train.images)
@@ -143,7 +150,7 @@ def quality_metrics(
         log.info("Inception FID skipped: %s", reason)
     else:
         log.info("Inception FID with %s", reason)
-        inception = InceptionFeatures(weights)
+        inception = InceptionFeatures(weights, device=str(device))
         inception_train, inception_synthetic = inception(train.images), inception(synthetic.images)
 
     rng = np.random.default_rng(params.seed)
@@ -342,6 +349,37 @@ def quality_checks(metrics: dict[str, Any], params: SyntheticParams) -> dict[str
     return checks
 
 
+# Short keys: `dvc metrics show` prints one column per key, and the whole row must fit a terminal.
+HEADLINE_KEYS = {"kid": "kid", "frechet": "fd", "precision": "prec", "recall": "recall"}
+HEADLINE_DIGITS = 4  # significant digits: the floors' spread is far wider than the 5th digit
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.{HEADLINE_DIGITS}g}")
+
+
+def headline_metrics(metrics: dict[str, Any], params: SyntheticParams) -> dict[str, float | int]:
+    """The numbers worth comparing across experiments, for `dvc metrics show/diff` and
+    `dvc exp show`: flat keys, numbers only, each quality number beside its real-vs-real floor
+    (`<key>_floor`): kid, fd (Fréchet distance), prec and recall (k-NN precision/recall), memo (the
+    fraction of synthetic images closer to a training image than the memorisation percentile),
+    copies (exact copies of training images), failed_checks. A number that could not be computed
+    (too few images) is left out, not written as null."""
+    headline: dict[str, float | int] = {"failed_checks": len(metrics["failures"])}
+    overall = metrics["quality"]["overall"]
+    for key, short in HEADLINE_KEYS.items():
+        for which, suffix in (("synthetic", ""), ("floor", "_floor")):
+            value = (overall.get(which) or {}).get(key)
+            if value is not None:
+                headline[f"{short}{suffix}"] = _significant(value)
+    memo = metrics["memorisation"]["overall"]
+    for which, suffix in (("synthetic", ""), ("floor", "_floor")):
+        if memo.get(which):
+            headline[f"memo{suffix}"] = _significant(memo[which]["fraction_below"][params.memorisation_percentile])
+    headline["copies"] = int(memo["synthetic"]["exact_copies"])
+    return headline
+
+
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The headline numbers as flat MLflow metric names."""
     flat: dict[str, float] = {}
@@ -377,12 +415,14 @@ def validate_synthetic(
     validate_params: ValidateParams | None = None,
     log_to_mlflow: bool = True,
 ) -> SyntheticValidationResult:
-    """Run the manifest checks and the quality metrics; write metrics.json + the figure; log to MLflow.
+    """Run the manifest checks and the quality metrics; write metrics.json (headline numbers),
+    details.json (everything) and the figure; log to MLflow.
 
     `validate_params` (the validate stage's section) runs its Great Expectations suite on the
     synthetic manifest; None skips the suite and keeps only the metric checks.
     """
     synthetic_dir, prepared_dir, report_dir = Path(synthetic_dir), Path(prepared_dir), Path(report_dir)
+    device = resolve_device(params.device)
     classes = list(data_params.classes)
     resolution = data_params.resolution
 
@@ -419,7 +459,7 @@ def validate_synthetic(
             "train_per_class": {c: int((train.labels == c).sum()) for c in classes},
             "valid": int(len(valid.images)),
         },
-        "quality": quality_metrics(train, synthetic, classes, params),
+        "quality": quality_metrics(train, synthetic, classes, params, device),
         "memorisation": memo,
     }
     checks.update(quality_checks(metrics, params))
@@ -436,13 +476,14 @@ def validate_synthetic(
         log.error("check %s failed: %s", name, checks[name].get("detail", ""))
 
     report_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = report_dir / METRICS_FILE
-    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
+    metrics_path, details_path = report_dir / METRICS_FILE, report_dir / DETAILS_FILE
+    metrics_path.write_text(json.dumps(headline_metrics(metrics, params), indent=2) + "\n", encoding="utf-8")
+    details_path.write_text(json.dumps(metrics, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
     figure_path = nearest_neighbour_figure(synthetic, train, overall_memo, params.nearest_neighbour_rows, report_dir / FIGURE_FILE)
-    log.info("wrote %s and %s", metrics_path, figure_path)
+    log.info("wrote %s, %s and %s", metrics_path, details_path, figure_path)
 
     if log_to_mlflow:
-        _log_to_mlflow(metrics, params, metrics_path, figure_path)
+        _log_to_mlflow(metrics, params, [metrics_path, details_path, figure_path], lineage=[prepared_dir, synthetic_dir], device=device)
     return SyntheticValidationResult(not failures, metrics, failures, metrics_path, figure_path)
 
 
@@ -452,14 +493,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def _log_to_mlflow(metrics: dict[str, Any], params: SyntheticParams, metrics_path: Path, figure_path: Path) -> None:
-    from ctsynth.tracking import EXPERIMENT_GAN, start_run
+def _log_to_mlflow(metrics: dict[str, Any], params: SyntheticParams, files: list[Path], lineage: list[Path], device) -> None:
+    from ctsynth.device import record_device
+    from ctsynth.tracking import EXPERIMENT_GAN, log_lineage, start_run
 
     with start_run(EXPERIMENT_GAN, "validate_synthetic", tags={"stage": "validate_synthetic"}) as run:
         import mlflow
 
         mlflow.log_params({f"synthetic.{k}": v for k, v in params.model_dump().items()})
         mlflow.log_metrics(_flat_metrics(metrics))
-        mlflow.log_artifact(str(metrics_path), artifact_path="synthetic")
-        mlflow.log_artifact(str(figure_path), artifact_path="synthetic")
+        log_lineage(lineage, context="evaluation")
+        record_device(params.device, device)
+        for file in files:
+            mlflow.log_artifact(str(file), artifact_path="synthetic")
         log.info("logged validate_synthetic to MLflow run %s", run.info.run_id)

@@ -312,22 +312,38 @@ def _summarise(checks: list[CheckResult], counts: dict, report: Path | None) -> 
     return ValidationResult(success=success, checks=checks, failures=failures, warnings=warnings, report=report)
 
 
+SUMMARY_FILE = "summary.json"  # DVC metrics: a few flat numbers to compare across experiments
+DETAILS_FILE = "details.json"  # every check with its offending rows and description
+RESULTS_FILE = "results.json"  # the checks plus Great Expectations' own result objects
+
+
+def summary_metrics(result: ValidationResult, counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The numbers `dvc metrics show/diff` compares: flat keys, numbers only (strings and nested
+    detail would become hundreds of columns)."""
+    return {
+        "success": int(result.success),
+        "failed_checks": sum(c.blocking for c in result.checks),
+        "warnings": sum(not c.success and not c.blocking for c in result.checks),
+        **{f"images_{split}": sum(per_class.values()) for split, per_class in sorted(counts.items())},
+    }
+
+
 def write_report(result: ValidationResult, details: dict, counts: dict, report: Path) -> None:
-    summary = {
+    detail = {
         "success": result.success,
         "n_failed_checks": sum(c.blocking for c in result.checks),
         "n_warnings": sum(not c.success and not c.blocking for c in result.checks),
         "counts": counts,
         "checks": {
-            # Descriptions live in results.json: string fields would crowd `dvc metrics show`.
-            c.name: {"success": c.success, "severity": c.severity, "n_rows": c.n_rows, "n_offending": len(c.offending),
-                     "offending": c.offending}
+            c.name: {"success": c.success, "severity": c.severity, "description": c.description, "n_rows": c.n_rows,
+                     "n_offending": len(c.offending), "offending": c.offending}
             for c in result.checks
         },
     }
-    (report / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    (report / "results.json").write_text(json.dumps({"checks": [asdict(c) for c in result.checks], "great_expectations": details},
-                                                    indent=1, default=str) + "\n", encoding="utf-8")
+    (report / SUMMARY_FILE).write_text(json.dumps(summary_metrics(result, counts), indent=2) + "\n", encoding="utf-8")
+    (report / DETAILS_FILE).write_text(json.dumps(detail, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (report / RESULTS_FILE).write_text(json.dumps({"checks": [asdict(c) for c in result.checks], "great_expectations": details},
+                                                  indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def _counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -349,7 +365,8 @@ def validate_manifest(
     raw: Path | None = None,
     splits: list[str] | None = None,
 ) -> ValidationResult:
-    """Run the checks over any manifest and write report/summary.json, results.json, data_docs/."""
+    """Run the checks over any manifest and write report/summary.json (DVC metrics), details.json,
+    results.json and data_docs/."""
     report = Path(report)
     if (report / "data_docs").exists():
         shutil.rmtree(report / "data_docs")  # docs of an earlier run would linger otherwise
