@@ -3,7 +3,8 @@
 Trains StyleGAN2-ADA (params.yaml `gan`) on data/prepared/train, resuming from the newest snapshot
 in models/gan after an interruption, and writes models/gan/network-final.pt (or one per class) and
 reports/gan/{losses.png, ada_p.png, real_vs_synthetic.png, training_log.csv}. Logs to MLflow
-(experiment ctsynth-gan) and registers the generator as `ctsynth-generator` (alias `latest`).
+(experiment ctsynth-gan) and registers the generator as a new version of `ctsynth-generator`
+(`models:/ctsynth-generator@latest`).
 
 Never deletes a snapshot because a setting changed: snapshots of other settings make the stage
 stop with the changed keys and how to start fresh. Under torchrun only rank 0 writes reports,

@@ -1,5 +1,5 @@
 """`ctsynth-generator` in a real local MLflow registry (sqlite store): the trained network, its
-grid and quality as the version's files, alias `latest`, and `ctsynth generate --network
+grid and quality as the version's files, `@latest` resolving to the newest version, and `ctsynth generate --network
 models:/ctsynth-generator@latest` producing the same images as the local file."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_generator_registered_and_generate_from_models_uri(tmp_path, monkeypatch
     version = register_generator(final, grid, quality, run_id=run_id)
     client = mlflow.MlflowClient(tracking.tracking_uri())
     entry = client.get_model_version_by_alias(GENERATOR_MODEL, GENERATOR_ALIAS)
-    assert entry.version == version and entry.run_id == run_id
+    assert str(entry.version) == version and entry.run_id == run_id
     assert float(entry.tags["kid"]) == pytest.approx(quality["kid"], rel=1e-5)
     assert "floor" in entry.description
     files = {a.path for a in client.list_artifacts(run_id, "generator")}
@@ -50,7 +50,7 @@ def test_generator_registered_and_generate_from_models_uri(tmp_path, monkeypatch
 
     # A second registration moves `latest`.
     assert register_generator(final, None, quality, run_id=run_id) == str(int(version) + 1)
-    assert client.get_model_version_by_alias(GENERATOR_MODEL, GENERATOR_ALIAS).version == str(int(version) + 1)
+    assert str(client.get_model_version_by_alias(GENERATOR_MODEL, GENERATOR_ALIAS).version) == str(int(version) + 1)
 
     env = os.environ | {"MLFLOW_TRACKING_URI": store, "DVC_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -44,4 +44,4 @@ def test_train_gan_stage_under_torchrun_two_ranks(tmp_path):
     runs = mlflow.search_runs(experiment_names=["ctsynth-gan"])
     assert len(runs) == 1  # rank 1 opened no run of its own (the report reuses the training run)
     client = mlflow.MlflowClient(f"sqlite:///{store}")
-    assert [v.version for v in client.search_model_versions(f"name='{GENERATOR_MODEL}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{GENERATOR_MODEL}'")] == ["1"]

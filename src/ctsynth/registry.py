@@ -278,13 +278,14 @@ def load_onnx_file(path: Path | str) -> ChampionModel:
 # ---------------------------------------------------------------------------
 
 GENERATOR_MODEL = "ctsynth-generator"
-GENERATOR_ALIAS = "latest"
+GENERATOR_ALIAS = "latest"  # MLflow's built-in alias for the highest version (it cannot be set by hand)
 GENERATOR_ARTIFACT_DIR = "generator"
 GENERATOR_QUALITY = "quality.json"
 
 
 def register_generator(network: Path, grid: Path | None, quality: dict[str, Any], run_id: str) -> str:
-    """Register a trained generator as a new version of `ctsynth-generator` and point `latest` at it.
+    """Register a trained generator as a new version of `ctsynth-generator`; being the highest
+    version, `models:/ctsynth-generator@latest` resolves to it.
 
     The version's files (artifact folder `generator/` of the training run `run_id`): the network
     file (a plain dict of tensors, numbers and strings: `torch.load(weights_only=True)` reads it
@@ -318,8 +319,8 @@ def register_generator(network: Path, grid: Path | None, quality: dict[str, Any]
         GENERATOR_MODEL, source=source, run_id=run_id, description=description,
         tags={"network_file": Path(network).name} | {k: f"{v:.6g}" for k, v in numbers.items()},
     )
-    client.set_registered_model_alias(GENERATOR_MODEL, GENERATOR_ALIAS, version.version)
-    log.info("registered %s version %s (alias %s): %s", GENERATOR_MODEL, version.version, GENERATOR_ALIAS, description)
+    log.info("registered %s version %s (models:/%s@%s): %s", GENERATOR_MODEL, version.version, GENERATOR_MODEL,
+             GENERATOR_ALIAS, description)
     return str(version.version)
 
 
