@@ -201,7 +201,7 @@ class GanParams(Section):
     preset: str = "cpu64"
     resolution: int | None = None  # None: data.resolution
     per_class: bool = False  # False: one conditional model; True: one model per class (the study's way)
-    kimg: float = Field(20.0, gt=0)
+    kimg: float = Field(16.0, gt=0)
     snap: float = Field(2.0, gt=0)
     snap_keep: int = Field(3, ge=1)
     tick_kimg: float = Field(0.25, gt=0)
