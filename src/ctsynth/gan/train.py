@@ -155,7 +155,8 @@ def frozen_d_parameters(D: torch.nn.Module, freeze_d: int) -> list[str]:
     resolutions = list(D.block_resolutions)
     if freeze_d > len(resolutions):
         raise ValueError(f"freeze_d={freeze_d} but D has only {len(resolutions)} blocks ({resolutions})")
-    prefixes = ("fromrgb.",) + tuple(f"blocks.b{r}." for r in resolutions[:freeze_d])
+    # fromRGB, the blocks, and (skip architecture) the per-resolution image inputs of those blocks.
+    prefixes = ("fromrgb.",) + tuple(p for r in resolutions[:freeze_d] for p in (f"blocks.b{r}.", f"skip_fromrgb.b{r}."))
     return [name for name, _ in D.named_parameters() if name.startswith(prefixes)]
 
 
