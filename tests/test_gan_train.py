@@ -214,3 +214,197 @@ def test_tiny_gan_learns_a_two_class_distribution(tmp_path):
     ]).reshape(len(manifest), -1)
     accuracy = (classifier.predict(synthetic) == manifest["label_id"].to_numpy()).mean()
     assert accuracy >= 0.8, f"only {accuracy:.2f} of synthetic images look like their class"
+
+
+# ---------------------------------------------------------------------------
+# Fidelity of the loop: lazy-regularisation Adam, r_t, TF32, x-flips
+# ---------------------------------------------------------------------------
+
+
+def test_lazy_regularisation_adam_correction_also_without_path_length(tiny_data, tmp_path):
+    """G's Adam gets lr * c and betas ** c (c = I / (I + 1)) from pl_interval even when pl_weight
+    is 0 (the cifar / cpu64 setting), as D's does from r1_interval."""
+    _, data = tiny_data
+    trainer = GANTrainer(tiny_config(pl_weight=0.0, pl_interval=4, r1_interval=16), data, options(tmp_path))
+    group_G, group_D = trainer.opt_G.param_groups[0], trainer.opt_D.param_groups[0]
+    assert group_G["lr"] == pytest.approx(trainer.cfg.lr * 4 / 5)
+    assert group_G["betas"][1] == pytest.approx(0.99 ** (4 / 5))
+    assert group_D["lr"] == pytest.approx(trainer.cfg.lr * 16 / 17)
+
+
+def test_ada_r_t_counts_every_real_pass_including_r1(tiny_data, tmp_path):
+    """With a loss that returns the R1 pass's real logits, a minibatch with Dreg contributes
+    both passes' signs to r_t (and counts as one minibatch for p's step)."""
+    from ctsynth.gan.loss import PhaseOutput
+
+    _, data = tiny_data
+    trainer = GANTrainer(tiny_config(r1_interval=1, ada_interval=1000), data, options(tmp_path))
+    original = trainer.loss.discriminator_reg
+
+    def reg_with_logits(real_img, real_c):
+        out = original(real_img, real_c)
+        if out.real_logits is None:  # the loss may already return them; else recompute the same pass
+            with torch.no_grad():
+                out = PhaseOutput(out.loss, out.stats, real_logits=trainer.loss.run_D(real_img, real_c))
+        return out
+
+    trainer.loss.discriminator_reg = reg_with_logits
+    trainer._train_step()
+    trainer.ada._fold_pending()
+    assert trainer.ada.count == 2 * trainer.cfg.batch
+    assert trainer.ada.minibatches == 1 and trainer.ada.images == trainer.cfg.batch
+
+
+def test_tf32_is_off_by_default_and_can_be_allowed(tiny_data, tmp_path):
+    _, data = tiny_data
+    GANTrainer(tiny_config(), data, options(tmp_path))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    GANTrainer(tiny_config(), data, options(tmp_path, allow_tf32=True))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    GANTrainer(tiny_config(), data, options(tmp_path))  # back to the default for the next tests
+    assert not torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_choice_and_snapshot_kid_are_recorded_in_mlflow(tiny_data, tmp_path, monkeypatch):
+    import mlflow
+
+    from ctsynth import tracking
+    from ctsynth.gan.train import train_gan
+
+    _, data = tiny_data
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # artifacts next to the store, not in the checkout
+    opts = TrainOptions(out_dir=tmp_path / "gan", classes=CLASSES, mlflow=True, progress=False)
+    train_gan(tiny_config(kimg=0.016, snap=0.008), data, opts)
+    final = torch.load(tmp_path / "gan" / ckpt.FINAL_NETWORK, weights_only=True)
+    run = mlflow.get_run(final["mlflow_run_id"])
+    assert run.data.tags["allow_tf32"] == "false"
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    kid = client.get_metric_history(run.info.run_id, "Quality_kid_pixel_pca")
+    floor = client.get_metric_history(run.info.run_id, "Quality_kid_pixel_pca_floor")
+    assert [m.step for m in kid] == [8, 16] and len(floor) == 2
+
+
+def test_mirror_flips_about_half_of_the_real_images(tiny_data, tmp_path):
+    _, data = tiny_data
+    plain = GANTrainer(tiny_config(batch=16, mbstd=4), data, options(tmp_path))
+    mirrored = GANTrainer(tiny_config(batch=16, mbstd=4, mirror=True), data, options(tmp_path))
+    flipped = same = 0
+    for _ in range(16):
+        mirrored.data_generator.set_state(plain.data_generator.get_state())  # same indices
+        a, _ = plain._real_batch()
+        b, _ = mirrored._real_batch()
+        for x, y in zip(a, b):
+            if torch.equal(x, x.flip(-1)):
+                continue  # a horizontal bar is its own mirror image: cannot tell
+            if torch.equal(x, y):
+                same += 1
+            elif torch.equal(x.flip(-1), y):
+                flipped += 1
+            else:
+                raise AssertionError("a real image changed other than by a mirror flip")
+    n = same + flipped
+    assert n >= 64
+    assert abs(flipped - n / 2) <= 3 * (n / 4) ** 0.5  # Binomial(n, 1/2) within 3 sigma
+
+
+def test_progress_bar_shows_kimg_with_fixed_decimals(tiny_data, tmp_path):
+    import io
+
+    from ctsynth.gan.train import KIMG_BAR_FORMAT, KimgBar
+
+    stream = io.StringIO()
+    bar = KimgBar(total=20000, bar_format=KIMG_BAR_FORMAT, file=stream, desc="train_gan", mininterval=0)
+    for _ in range(9):
+        bar.update(16)
+    bar.close()
+    text = stream.getvalue()
+    assert "0.144/20.000 kimg" in text
+    assert "0.14400000000000002" not in text
+
+
+# ---------------------------------------------------------------------------
+# Snapshot quality, best snapshot, transfer, class-centred truncation
+# ---------------------------------------------------------------------------
+
+
+def test_every_snapshot_gets_kid_with_floor_and_the_best_survives_pruning(tiny_data, tmp_path):
+    _, data = tiny_data
+    trainer = GANTrainer(tiny_config(), data, options(tmp_path, snap_keep=1))
+    paths = []
+    for _ in range(3):
+        trainer._train_step()
+        paths.append(trainer.snapshot())
+    quality = pd.read_csv(tmp_path / "snapshot_quality.csv")
+    assert list(quality["snapshot"]) == [p.name for p in paths]
+    assert quality["kid_floor"].nunique() == 1 and np.isfinite(quality["kid"]).all()
+    state = torch.load(paths[-1], weights_only=True)
+    assert state["quality"]["kid"] == pytest.approx(quality["kid"].iloc[-1])
+    best = quality.sort_values("kid").iloc[0]["snapshot"]
+    on_disk = {p.name for p in ckpt.list_snapshots(tmp_path)}
+    assert on_disk == {paths[-1].name, best}  # newest kept by snap_keep=1, best protected
+
+    from ctsynth.gan.generate import find_networks
+
+    (tmp_path / ckpt.FINAL_NETWORK).write_bytes(b"")  # a final network exists: conditional layout
+    chosen = find_networks(tmp_path, CLASSES, snapshot="best")
+    assert {path.name for path, _ in chosen.values()} == {best}
+    assert find_networks(tmp_path, CLASSES, snapshot="final")["normal"][0].name == ckpt.FINAL_NETWORK
+
+
+def test_init_from_transfers_weights_resets_counters_and_freezes_d_blocks(tiny_data, tmp_path):
+    _, data = tiny_data
+    cfg = tiny_config(ada_kimg=0.05, ada_interval=1, ada_target=-1.0)  # p rises in the source run
+    source = GANTrainer(cfg, data, options(tmp_path / "source"))
+    for _ in range(4):
+        source._train_step()
+    snapshot = source.snapshot()
+    assert float(source.augment_pipe.p) > 0
+
+    target = GANTrainer(cfg, data, options(tmp_path / "target", freeze_d=1))
+    target.init_from(snapshot)
+    assert target.cur_nimg == 0 and target.batch_idx == 0 and float(target.augment_pipe.p) == 0
+    assert not target.opt_G.state  # fresh optimiser moments
+    for name, value in source.G_ema.state_dict().items():
+        torch.testing.assert_close(target.G_ema.state_dict()[name], value)
+    frozen = {n: p.detach().clone() for n, p in target.D.named_parameters() if n in target.frozen_d}
+    first_block = f"blocks.b{target.D.block_resolutions[0]}."
+    assert frozen and all(n.startswith(("fromrgb.", first_block)) for n in frozen)
+    trained = {n: p.detach().clone() for n, p in target.D.named_parameters() if n not in target.frozen_d}
+    for _ in range(2):
+        target._train_step()
+    params = dict(target.D.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(params[n], v) for n, v in trained.items())
+
+
+def test_init_from_refuses_another_architecture_and_a_final_network(tiny_data, tmp_path):
+    _, data = tiny_data
+    source = GANTrainer(tiny_config(), data, options(tmp_path / "source"))
+    source._train_step()
+    snapshot = source.snapshot()
+    other = GANTrainer(tiny_config(channel_max=32), data, options(tmp_path / "other"))
+    with pytest.raises(ValueError, match="different architecture"):
+        other.init_from(snapshot)
+    final = source.write_final()
+    with pytest.raises(ValueError, match="no discriminator"):
+        GANTrainer(tiny_config(), data, options(tmp_path / "t")).init_from(final)
+
+
+def test_truncation_pulls_towards_the_class_mean_w(tiny_data, tmp_path):
+    """psi = 0 gives the class's own average w: every latent of a class maps to one image, and
+    the two classes' images differ (the global centre would give one image for both)."""
+    from ctsynth.gan.generate import class_centre, synthesize
+
+    _, data = tiny_data
+    train_gan_models(tiny_config(kimg=0.008, snap=0.008), data, options(tmp_path / "gan"), per_class=False)
+    G = load_generator(tmp_path / "gan" / ckpt.FINAL_NETWORK).G
+    z = torch.randn(3, G.z_dim, generator=torch.Generator().manual_seed(0))
+    a = synthesize(G, z, 0, psi=0.0, noise_mode="const")
+    b = synthesize(G, z, 1, psi=0.0, noise_mode="const")
+    torch.testing.assert_close(a[0], a[1])
+    assert not torch.allclose(a[0], b[0])
+    centre = class_centre(G, 1)
+    c = torch.nn.functional.one_hot(torch.ones(3, dtype=torch.long), 2).float()
+    expected = G.synthesis(centre.lerp(G.mapping(z, c), 0.5), noise_mode="const")
+    torch.testing.assert_close(synthesize(G, z, 1, psi=0.5, noise_mode="const"), expected)

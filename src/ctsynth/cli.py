@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from ctsynth.logs import setup_logging
@@ -85,6 +86,10 @@ def _train_gan(args: argparse.Namespace) -> int:
         out_dir=Path(args.out), classes=params.data.classes,
         resume=None if args.resume == "none" else args.resume, snap_keep=gan.snap_keep,
         tick_kimg=gan.tick_kimg, device=device, mlflow=not args.no_mlflow,
+        allow_tf32=args.allow_tf32 or gan.allow_tf32,
+        init_from=Path(args.init_from) if args.init_from else (Path(gan.init_from) if gan.init_from else None),
+        freeze_d=args.freeze_d if args.freeze_d is not None else gan.freeze_d,
+        snapshot_kid=gan.snapshot_kid and not args.no_snapshot_kid, quality=params.synthetic,
     )
     per_class = args.per_class if args.per_class is not None else gan.per_class
     train_gan_models(cfg, data, options, per_class=per_class)
@@ -96,10 +101,16 @@ def _generate(args: argparse.Namespace) -> int:
     from ctsynth.gan.generate import generate_images
 
     params = load_params(args.params)
-    generate_images(
-        Path(args.network), Path(args.out), params.data.classes, per_class=args.per_class, seed=args.seed,
-        psi=args.psi, out_resolution=args.resolution, noise_mode=args.noise_mode,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        network = Path(args.network)
+        if args.network.startswith("models:/"):
+            from ctsynth.registry import download_generator
+
+            network = download_generator(args.network, Path(tmp))
+        generate_images(
+            network, Path(args.out), params.data.classes, per_class=args.per_class, seed=args.seed,
+            psi=args.psi, out_resolution=args.resolution, noise_mode=args.noise_mode, snapshot=args.snapshot,
+        )
     return 0
 
 
@@ -219,10 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any GANConfig field")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="transfer: start from another run's snapshot-*.pt (weights only; kimg and p start at 0)")
+    p.add_argument("--freeze-d", type=int, default=None, metavar="K",
+                   help="Freeze-D: keep the first K (highest-resolution) discriminator blocks fixed")
+    p.add_argument("--allow-tf32", action="store_true", help="TF32 on Ampere+ GPUs (off by default)")
+    p.add_argument("--no-snapshot-kid", action="store_true", help="skip the KID at every snapshot")
     p.set_defaults(handler=_train_gan)
 
     p = commands.add_parser("generate", help="write N synthetic PNGs per class + manifest.csv from a trained GAN")
-    p.add_argument("--network", required=True, help="GAN folder (network-final.pt, or <class>/network-final.pt)")
+    p.add_argument("--network", required=True,
+                   help="GAN folder (network-final.pt, or <class>/network-final.pt), a network file, "
+                        "or a registry URI such as models:/ctsynth-generator@latest")
+    p.add_argument("--snapshot", default="final", choices=["final", "best"],
+                   help="for a GAN folder: network-final.pt, or the snapshot with the lowest KID at training time")
     p.add_argument("--out", required=True)
     p.add_argument("--per-class", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)

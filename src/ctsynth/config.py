@@ -206,13 +206,18 @@ class GanParams(Section):
     preset: str = "cpu64"
     resolution: int | None = None  # None: data.resolution
     per_class: bool = False  # False: one conditional model; True: one model per class (the study's way)
-    kimg: float = Field(4.0, gt=0)
-    snap: float = Field(1.0, gt=0)
+    kimg: float = Field(16.0, gt=0)
+    snap: float = Field(2.0, gt=0)
     snap_keep: int = Field(3, ge=1)
     tick_kimg: float = Field(0.25, gt=0)
     overrides: dict[str, Any] = {}
     out: str = "models/gan"
     report: str = "reports/gan"
+    init_from: str | None = None  # transfer: another run's snapshot-*.pt (weights only; counters and p reset)
+    freeze_d: int = Field(0, ge=0)  # Freeze-D: keep the first k (highest-resolution) D blocks fixed
+    snapshot_kid: bool = True  # KID (pixel-PCA feature space) with its real floor at every snapshot
+    allow_tf32: bool = False  # TF32 on Ampere+ GPUs (faster, less precise); recorded in MLflow
+    allow_outside_repo: bool = False  # out/report outside the repository only when set
 
 
 class GenerateParams(Section):
@@ -225,6 +230,8 @@ class GenerateParams(Section):
     noise_mode: Literal["random", "const", "none"] = "const"
     batch: int = Field(32, ge=1)
     out: str = "data/synthetic"
+    snapshot: Literal["best", "final"] = "final"  # best: the snapshot with the lowest recorded KID
+    allow_outside_repo: bool = False
 
 
 class Params(BaseModel):

@@ -271,3 +271,69 @@ def load_onnx_file(path: Path | str) -> ChampionModel:
         resolution=info.resolution,
         source=str(path.resolve()),
     )
+
+
+# ---------------------------------------------------------------------------
+# The generator: `ctsynth-generator@latest`
+# ---------------------------------------------------------------------------
+
+GENERATOR_MODEL = "ctsynth-generator"
+GENERATOR_ALIAS = "latest"  # MLflow's built-in alias for the highest version (it cannot be set by hand)
+GENERATOR_ARTIFACT_DIR = "generator"
+GENERATOR_QUALITY = "quality.json"
+
+
+def register_generator(network: Path, grid: Path | None, quality: dict[str, Any], run_id: str) -> str:
+    """Register a trained generator as a new version of `ctsynth-generator`; being the highest
+    version, `models:/ctsynth-generator@latest` resolves to it.
+
+    The version's files (artifact folder `generator/` of the training run `run_id`): the network
+    file (a plain dict of tensors, numbers and strings: `torch.load(weights_only=True)` reads it
+    without running pickled code), the sample grid and quality.json (KID against its real floor
+    at the last snapshot). The numbers are also the version's tags. Returns the version number.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    tracking.configure()
+    client = MlflowClient()
+    numbers = {k: float(v) for k, v in quality.items() if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)}
+    with tempfile.TemporaryDirectory() as tmp:
+        quality_path = Path(tmp) / GENERATOR_QUALITY
+        quality_path.write_text(json.dumps(numbers | {"snapshot": str(quality.get("snapshot", ""))}, indent=2))
+        for path in (network, grid, quality_path):
+            if path is not None:
+                client.log_artifact(run_id, str(path), GENERATOR_ARTIFACT_DIR)
+    for key, value in numbers.items():
+        client.log_metric(run_id, f"generator_{key}", value)
+    try:
+        client.create_registered_model(GENERATOR_MODEL, description="StyleGAN2-ADA generators trained by train_gan")
+    except MlflowException:  # already registered
+        pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/{GENERATOR_ARTIFACT_DIR}"
+    description = (
+        f"KID {numbers['kid']:.4g} (real floor {numbers.get('kid_floor', float('nan')):.4g}) in the pixel-PCA feature space"
+        if "kid" in numbers else "no snapshot KID recorded"
+    )
+    version = client.create_model_version(
+        GENERATOR_MODEL, source=source, run_id=run_id, description=description,
+        tags={"network_file": Path(network).name} | {k: f"{v:.6g}" for k, v in numbers.items()},
+    )
+    log.info("registered %s version %s (models:/%s@%s): %s", GENERATOR_MODEL, version.version, GENERATOR_MODEL,
+             GENERATOR_ALIAS, description)
+    return str(version.version)
+
+
+def download_generator(uri: str, dst: Path) -> Path:
+    """`models:/ctsynth-generator@latest` (or any version URI) -> the network file, downloaded to `dst`."""
+    import mlflow
+
+    tracking.configure()
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:  # MLflow raises several types for an unknown name / alias
+        raise FileNotFoundError(f"cannot fetch {uri} from the MLflow registry at {tracking.tracking_uri()}: {exc}") from exc
+    networks = sorted(folder.glob("*.pt"))
+    if len(networks) != 1:
+        raise FileNotFoundError(f"{uri} holds {len(networks)} network files, expected one")
+    return networks[0]

@@ -60,6 +60,7 @@ class GANConfig:
     ada_interval: int = 4
     augment: str = "bgc"  # AugmentPipe spec; "none" disables augmentation
     fixed_p: float | None = None  # None: adaptive p; else a constant p
+    mirror: bool = False  # dataset x-flips: each real image also shown mirrored (the ADA paper's small-set default)
     conv_clamp: float | None = 256.0
     # Speed only (same maths up to rounding; may change between resumes): the top N resolutions
     # of G and D in bfloat16 where the hardware supports it (0: all float32, the reference), and

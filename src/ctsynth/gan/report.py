@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from ctsynth.gan.generate import LoadedGenerator, latents  # noqa: E402
-from ctsynth.gan.train import TrainingData, one_hot, tile, to_uint8  # noqa: E402
+from ctsynth.gan.grid import one_hot, tile, to_uint8  # noqa: E402
 
 
 def _by_model(log: pd.DataFrame):
@@ -62,7 +62,7 @@ def plot_ada(log: pd.DataFrame, path: Path, target: float) -> None:
 
 @torch.no_grad()
 def real_vs_synthetic_grid(
-    data: TrainingData,
+    data,  # ctsynth.gan.train.TrainingData (images N x 1 x R x R in [-1, 1], labels N)
     generators: dict[str, tuple[LoadedGenerator, int]],
     classes: list[str],
     path: Path,

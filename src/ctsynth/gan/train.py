@@ -8,6 +8,15 @@ One minibatch, read top to bottom in `_train_step`:
     Dreg   every r1_interval   R1 on augmented reals (x r1_interval)
     then   G_ema <- lerp(G, G_ema, beta);  every ada_interval steps: p <- p +- step
 
+ADA's r_t = E[sign D(aug(x))] counts every D pass on real images: Dmain's and, where the loss
+returns them, the R1 pass's. G's and D's Adam get the lazy-regularisation correction from their
+regularisation interval whether or not the regulariser's weight is 0, as in the paper's setup.
+
+Every snapshot gets a KID in the offline feature space of `ctsynth.metrics` (pixel PCA + intensity
+statistics, fitted on half the real images) with its real-vs-real floor; the best one is never
+pruned, so `generate` can use it. `init_from` starts from another run's weights (transfer), with
+the first `freeze_d` discriminator blocks frozen (Freeze-D).
+
 Multi-process (`torchrun`): the global batch splits across ranks, gradients are summed with
 all_reduce and divided by the world size, the ADA sign statistics are summed likewise, and only
 rank 0 writes snapshots, grids and MLflow records.
@@ -26,22 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
+from ctsynth.config import SyntheticParams
 from ctsynth.gan import checkpoint as ckpt
 from ctsynth.gan.augment import AdaptiveP, AugmentPipe
+from ctsynth.gan.checkpoint import NETWORK_FORMAT, RESUMABLE_CHANGES, build_networks  # noqa: F401 (re-exported)
+from ctsynth.gan.grid import fixed_seed_grid, one_hot, save_image_grid, tile, to_uint8  # noqa: F401 (re-exported)
 from ctsynth.gan.loss import StyleGAN2Loss, lazy_regularization_adam
-from ctsynth.gan.networks import Discriminator, Generator
 from ctsynth.gan.presets import GANConfig
 
 log = logging.getLogger(__name__)
 
-NETWORK_FORMAT = "ctsynth-stylegan2-ada/1"
-GRID_COLUMNS = 8
-GRID_SEED = 1234
-# Config keys a resumed run may change: length, snapshot spacing and speed-only settings.
-RESUMABLE_CHANGES = ("kimg", "snap", "num_bf16_res", "channels_last")
+QUALITY_LOG = "snapshot_quality.csv"
+QUALITY_SEED = 4321
 
 
 @dataclass
@@ -58,6 +65,13 @@ class TrainOptions:
     progress: bool = True
     run_name: str = "train_gan"
     mlflow_tags: dict[str, str] = field(default_factory=dict)
+    # TF32 matmuls/convolutions on Ampere+ GPUs: faster, ~10 mantissa bits. Off as in the
+    # reference setup; recorded in MLflow either way.
+    allow_tf32: bool = False
+    init_from: Path | None = None  # transfer: another run's snapshot (weights only; counters and p reset)
+    freeze_d: int = 0  # Freeze-D: the first (highest-resolution) k discriminator blocks stay fixed
+    snapshot_kid: bool = True  # KID with its real floor at every snapshot
+    quality: SyntheticParams = field(default_factory=SyntheticParams)  # feature space + KID settings
 
 
 @dataclass
@@ -107,27 +121,6 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def build_networks(cfg: GANConfig, device: str | torch.device) -> tuple[Generator, Discriminator]:
-    G = Generator(
-        z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim, img_resolution=cfg.resolution,
-        img_channels=cfg.img_channels, channel_base=cfg.channel_base, channel_max=cfg.channel_max,
-        map_layers=cfg.map_layers, mapping_lr_mul=cfg.mapping_lr_mul, conv_clamp=cfg.conv_clamp,
-        num_bf16_res=cfg.num_bf16_res, channels_last=cfg.channels_last,
-    )
-    D = Discriminator(
-        c_dim=cfg.c_dim, img_resolution=cfg.resolution, img_channels=cfg.img_channels,
-        channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group_size=cfg.mbstd,
-        conv_clamp=cfg.conv_clamp, num_bf16_res=cfg.num_bf16_res, channels_last=cfg.channels_last,
-    )
-    return G.to(device), D.to(device)
-
-
-def one_hot(labels: torch.Tensor, c_dim: int) -> torch.Tensor | None:
-    if c_dim == 0:
-        return None
-    return torch.nn.functional.one_hot(labels, c_dim).float()
-
-
 def _ema_beta(cfg: GANConfig, cur_nimg: int) -> float:
     ema_nimg = cfg.ema_kimg * 1000
     if cfg.ema_rampup is not None:
@@ -148,6 +141,77 @@ def _make_optimizer(module: torch.nn.Module, cfg: GANConfig, reg_interval: int |
     return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.eps)
 
 
+def set_tf32(allow: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions (no effect on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+def frozen_d_parameters(D: torch.nn.Module, freeze_d: int) -> list[str]:
+    """Freeze-D: names of the parameters of D's first `freeze_d` blocks (from the image side:
+    fromRGB and the highest resolutions), which transfer keeps as trained on the source data."""
+    if freeze_d <= 0:
+        return []
+    resolutions = list(D.block_resolutions)
+    if freeze_d > len(resolutions):
+        raise ValueError(f"freeze_d={freeze_d} but D has only {len(resolutions)} blocks ({resolutions})")
+    # fromRGB, the blocks, and (skip architecture) the per-resolution image inputs of those blocks.
+    prefixes = ("fromrgb.",) + tuple(p for r in resolutions[:freeze_d] for p in (f"blocks.b{r}.", f"skip_fromrgb.b{r}."))
+    return [name for name, _ in D.named_parameters() if name.startswith(prefixes)]
+
+
+class KimgBar(tqdm):
+    """tqdm counting images but showing kimg with fixed decimals (`1.248/20.000 kimg`)."""
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        d["kimg"] = f"{d['n'] / 1000:.3f}/{(d['total'] or 0) / 1000:.3f}"
+        return d
+
+
+KIMG_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {kimg} kimg [{elapsed}<{remaining}{postfix}]"
+
+
+class SnapshotQuality:
+    """KID of G_ema's images in the offline feature space of `ctsynth.metrics`, with its floor.
+
+    The feature space (pixel PCA + intensity statistics) is fitted on half A of the real images
+    (per-class halves, as the validate_synthetic stage does). Synthetic: as many images as half B,
+    with half B's labels, from fixed latents. Floor: KID(A, B), what two real samples of that size
+    give; a synthetic KID near the floor is as good as this feature space can tell.
+    """
+
+    def __init__(self, data: "TrainingData", c_dim: int, params: SyntheticParams) -> None:
+        from ctsynth.metrics.features import PixelPCAFeatures
+        from ctsynth.metrics.kid import kernel_inception_distance
+        from ctsynth.metrics.synthetic import split_halves
+
+        self.params, self.c_dim, self._kid = params, c_dim, kernel_inception_distance
+        images = data.images.numpy()
+        half_a, half_b = split_halves(data.labels.numpy(), params.seed)
+        self.features = PixelPCAFeatures.fit(images[half_a], params.pca_components, params.pca_resolution, params.seed)
+        self.reference = self.features(images[half_a])
+        self.labels = data.labels[half_b]
+        self.floor, self.floor_std = self.kid(self.features(images[half_b]))
+
+    def kid(self, features: np.ndarray) -> tuple[float, float]:
+        return self._kid(self.reference, features, self.params.kid_subsets, self.params.kid_subset_size, self.params.seed)
+
+    @torch.no_grad()
+    def __call__(self, G: torch.nn.Module, z_dim: int, batch: int = 64) -> dict[str, float]:
+        device = next(G.parameters()).device
+        generator = torch.Generator().manual_seed(QUALITY_SEED)
+        z = torch.randn(len(self.labels), z_dim, generator=generator)
+        images = []
+        for start in range(0, len(z), batch):
+            c = one_hot(self.labels[start : start + batch], self.c_dim)
+            out = G(z[start : start + batch].to(device), c.to(device) if c is not None else None, noise_mode="const")
+            images.append(out.float().clamp(-1, 1).cpu())
+        kid, kid_std = self.kid(self.features(torch.cat(images).numpy()))
+        return {"kid": kid, "kid_std": kid_std, "kid_floor": self.floor, "kid_floor_std": self.floor_std}
+
+
 class GANTrainer:
     """Holds everything a snapshot must restore; `train()` runs until cfg.kimg."""
 
@@ -158,6 +222,7 @@ class GANTrainer:
             raise ValueError(f"batch {cfg.batch} does not split over {self.world_size} processes")
         self.batch_per_rank = cfg.batch // self.world_size
         self.device = torch.device(options.device)
+        set_tf32(options.allow_tf32)
         if self.device.type == "cuda":
             # Every minibatch has the same shapes: let cuDNN pick its fastest kernels once.
             torch.backends.cudnn.benchmark = True
@@ -178,8 +243,18 @@ class GANTrainer:
             pl_weight=cfg.pl_weight, pl_batch_shrink=cfg.pl_batch_shrink, pl_decay=cfg.pl_decay,
             r1_interval=cfg.r1_interval, pl_interval=cfg.pl_interval,
         )
-        self.opt_G = _make_optimizer(self.G, cfg, cfg.pl_interval if cfg.pl_weight > 0 else None)
-        self.opt_D = _make_optimizer(self.D, cfg, cfg.r1_interval if cfg.gamma > 0 else None)
+        # The correction applies from the interval alone (also when pl_weight or gamma is 0), as
+        # in the paper's setup: the presets' learning rates and betas were chosen with it.
+        self.opt_G = _make_optimizer(self.G, cfg, cfg.pl_interval)
+        self.opt_D = _make_optimizer(self.D, cfg, cfg.r1_interval)
+        self.frozen_d = set(frozen_d_parameters(self.D, options.freeze_d))
+        self.quality = None
+        if options.snapshot_kid and self.rank == 0:
+            if len(data) >= 8:
+                self.quality = SnapshotQuality(data, cfg.c_dim, options.quality)
+            else:
+                log.warning("only %d training images: no KID at snapshots (needs 8)", len(data))
+        self.best_snapshot: tuple[str, float] | None = None  # (file name, KID)
 
         # Sampling order of real images, separate from the networks' randomness so that both
         # can be restored exactly on resume.
@@ -212,16 +287,15 @@ class GANTrainer:
             "rng_torch": torch.get_rng_state(),
             "rng_data": self.data_generator.get_state(),
             "mlflow_run_id": self.mlflow_run_id or "",
+            "best_snapshot": list(self.best_snapshot) if self.best_snapshot else [],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != NETWORK_FORMAT:
-            raise ValueError(f"not a ctsynth StyleGAN2-ADA snapshot (format {state.get('format')!r})")
-        saved = GANConfig.from_dict(state["config"])
-        changed = {k for k, v in saved.to_dict().items() if k not in RESUMABLE_CHANGES and self.cfg.to_dict()[k] != v}
+        ckpt.check_network_format(state, "the snapshot")
+        changed = ckpt.incompatible_changes(state["config"], self.cfg)
         if changed:
             raise ValueError(
-                f"cannot resume: the snapshot was trained with different settings for {sorted(changed)}; "
+                f"cannot resume: the snapshot was trained with different settings for {changed}; "
                 "use a new output folder or the original settings"
             )
         self.G.load_state_dict(state["G"])
@@ -243,13 +317,50 @@ class GANTrainer:
             torch.manual_seed(self.cfg.seed * 1000 + 1 + self.rank + self.cur_nimg)
             self.data_generator.manual_seed(self.cfg.seed * 1000 + self.rank + self.cur_nimg)
         self.mlflow_run_id = state.get("mlflow_run_id") or None
+        best = state.get("best_snapshot") or []
+        self.best_snapshot = (str(best[0]), float(best[1])) if best else None
+
+    def init_from(self, path: Path) -> None:
+        """Transfer: G, D and G_ema weights from another run's snapshot; everything else (image
+        counter, optimiser moments, ADA p, path-length mean) starts fresh."""
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        ckpt.check_network_format(state, path)
+        if "D" not in state:
+            raise ValueError(f"{path} holds no discriminator (a network-final.pt keeps only G_ema); use a snapshot-*.pt")
+        for key, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            own = module.state_dict()
+            theirs = state[key]
+            mismatch = sorted(
+                name for name in set(own) | set(theirs)
+                if name not in own or name not in theirs or own[name].shape != theirs[name].shape
+            )
+            if mismatch:
+                raise ValueError(
+                    f"cannot initialise {key} from {path}: different architecture at {mismatch[:5]}"
+                    f"{' ...' if len(mismatch) > 5 else ''} (resolution, channels, c_dim and z/w dims must match)"
+                )
+            module.load_state_dict(theirs)
+        log.info("initialised G, D and G_ema from %s (trained %.1f kimg there); counters and p start at 0%s",
+                 path, int(state.get("cur_nimg", 0)) / 1000,
+                 f", first {self.options.freeze_d} D blocks frozen" if self.options.freeze_d else "")
+
+    def _set_trainable(self, train_G: bool) -> None:
+        self.G.requires_grad_(train_G)
+        self.D.requires_grad_(not train_G)
+        if not train_G:
+            for name, p in self.D.named_parameters():
+                if name in self.frozen_d:
+                    p.requires_grad_(False)
 
     # -- one minibatch -------------------------------------------------------
 
     def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = torch.randint(len(self.data), (self.batch_per_rank,), generator=self.data_generator)
-        images = self.data.images[idx].to(self.device)
-        return images, one_hot(self.data.labels[idx], self.cfg.c_dim)
+        images = self.data.images[idx]
+        if self.cfg.mirror:  # dataset x-flips: each image shown as is or mirrored, equally often
+            flip = torch.rand(len(idx), generator=self.data_generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images.to(self.device), one_hot(self.data.labels[idx], self.cfg.c_dim)
 
     def _gen_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn(self.batch_per_rank, self.cfg.z_dim, device=self.device)
@@ -261,13 +372,13 @@ class GANTrainer:
         real_img, real_c = self._real_batch()
         if real_c is not None:
             real_c = real_c.to(self.device)
+        real_logits = []  # every D pass on real images this minibatch, for ADA's r_t
         for phase, interval in self.loss.enabled_phases():
             if self.batch_idx % interval != 0:
                 continue
             train_G = phase.startswith("G")
             module, optimizer = (self.G, self.opt_G) if train_G else (self.D, self.opt_D)
-            self.G.requires_grad_(train_G)
-            self.D.requires_grad_(not train_G)
+            self._set_trainable(train_G)
             gen_z, gen_c = self._gen_inputs()
             if gen_c is not None:
                 gen_c = gen_c.to(self.device)
@@ -281,10 +392,14 @@ class GANTrainer:
             optimizer.step()
             for name, value in out.stats.items():
                 self._tick_stats.setdefault(name, []).append(float(value))
-            if phase == "Dmain" and self.ada is not None:
-                r_t = self.ada.accumulate(out.real_logits, batch_size=self.cfg.batch)
-                if r_t is not None:
-                    self._tick_stats.setdefault("ADA/r_t", []).append(r_t)
+            if out.real_logits is not None:
+                real_logits.append(out.real_logits.detach().flatten())
+        if self.ada is not None and real_logits:
+            # One accumulate per minibatch (p's step counts images, not passes); the sign mean is
+            # over every real logit D produced in it.
+            r_t = self.ada.accumulate(torch.cat(real_logits), batch_size=self.cfg.batch)
+            if r_t is not None:
+                self._tick_stats.setdefault("ADA/r_t", []).append(r_t)
         self.G.requires_grad_(False)
         self.D.requires_grad_(False)
         self.cur_nimg += self.cfg.batch
@@ -324,16 +439,43 @@ class GANTrainer:
 
     def snapshot(self) -> Path:
         path = self.options.out_dir / ckpt.snapshot_name(self.cur_nimg)
-        ckpt.atomic_torch_save(self.state_dict(), path)
-        ckpt.prune_snapshots(self.options.out_dir, self.options.snap_keep)
+        quality = self.quality(self.G_ema, self.cfg.z_dim) if self.quality is not None else None
+        if quality is not None and (self.best_snapshot is None or quality["kid"] < self.best_snapshot[1]):
+            self.best_snapshot = (path.name, quality["kid"])
+        state = self.state_dict() | {"quality": quality or {}}
+        ckpt.atomic_torch_save(state, path)
+        if quality is not None:
+            self._write_quality(path, quality)
+        best = self.options.out_dir / self.best_snapshot[0] if self.best_snapshot else None
+        ckpt.prune_snapshots(self.options.out_dir, self.options.snap_keep, protect=best)
         grid_path = self.options.out_dir / "grids" / f"grid-{self.cur_nimg:09d}.png"
         save_image_grid(fixed_seed_grid(self.G_ema, self.cfg, len(self.options.classes)), grid_path)
         if self.options.mlflow:
             import mlflow
 
             mlflow.log_artifact(str(grid_path), artifact_path="grids")
-        log.info("snapshot %s (kimg %.2f, p %.3f)", path.name, self.cur_nimg / 1000, record_p(self))
+        kid_text = f", KID {quality['kid']:.4g} (floor {quality['kid_floor']:.4g})" if quality else ""
+        log.info("snapshot %s (kimg %.2f, p %.3f%s)", path.name, self.cur_nimg / 1000, record_p(self), kid_text)
         return path
+
+    def _write_quality(self, path: Path, quality: dict[str, float]) -> None:
+        """One row per snapshot in snapshot_quality.csv (what `generate.snapshot: best` reads)."""
+        log_path = self.options.out_dir / QUALITY_LOG
+        row = {"kimg": self.cur_nimg / 1000, "snapshot": path.name} | quality
+        new_file = not log_path.exists()
+        with open(log_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.options.mlflow:
+            import mlflow
+
+            mlflow.log_metrics({
+                "Quality_kid_pixel_pca": quality["kid"], "Quality_kid_pixel_pca_std": quality["kid_std"],
+                "Quality_kid_pixel_pca_floor": quality["kid_floor"],
+                "Quality_kid_pixel_pca_floor_std": quality["kid_floor_std"],
+            }, step=self.cur_nimg)
 
     def write_final(self) -> Path:
         path = self.options.out_dir / ckpt.FINAL_NETWORK
@@ -358,8 +500,8 @@ class GANTrainer:
         tick_nimg = max(int(round(self.options.tick_kimg * 1000)), self.cfg.batch)
         next_snap = (self.cur_nimg // snap_nimg + 1) * snap_nimg
         next_tick = (self.cur_nimg // tick_nimg + 1) * tick_nimg
-        bar = tqdm(
-            total=total_nimg, initial=min(self.cur_nimg, total_nimg), unit="kimg", unit_scale=1e-3,
+        bar = KimgBar(
+            total=total_nimg, initial=min(self.cur_nimg, total_nimg), bar_format=KIMG_BAR_FORMAT,
             desc=self.options.run_name, disable=not self.options.progress or self.rank != 0,
         )
         self._tick_start, self._tick_start_nimg = time.perf_counter(), self.cur_nimg
@@ -394,45 +536,6 @@ def record_p(trainer: GANTrainer) -> float:
 
 
 # ---------------------------------------------------------------------------
-# Image grids
-# ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def fixed_seed_grid(G: Generator, cfg: GANConfig, n_classes: int, columns: int = GRID_COLUMNS) -> np.ndarray:
-    """One row per class (one row for an unconditional G), same seeds at every snapshot."""
-    device = next(G.parameters()).device
-    rows = []
-    generator = torch.Generator().manual_seed(GRID_SEED)
-    z = torch.randn(columns, cfg.z_dim, generator=generator).to(device)
-    for class_id in range(n_classes if cfg.c_dim else 1):
-        c = one_hot(torch.full((columns,), class_id, dtype=torch.long), cfg.c_dim)
-        images = G(z, c.to(device) if c is not None else None, noise_mode="const")
-        rows.append(to_uint8(images))
-    return tile(np.stack(rows))
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """N x 1 x R x R in [-1, 1] -> N x R x R uint8."""
-    return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-def tile(rows: np.ndarray, gap: int = 2) -> np.ndarray:
-    """rows x cols x R x R uint8 -> one image with a small white gap between cells."""
-    n_rows, n_cols, h, w = rows.shape
-    canvas = np.full((n_rows * (h + gap) - gap, n_cols * (w + gap) - gap), 255, dtype=np.uint8)
-    for r in range(n_rows):
-        for c in range(n_cols):
-            canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = rows[r, c]
-    return canvas
-
-
-def save_image_grid(grid: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid, mode="L").save(path)
-
-
-# ---------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------
 
@@ -458,9 +561,13 @@ def load_training_data(prepared_dir: Path, classes: list[str], resolution: int, 
 
 def train_gan(cfg: GANConfig, data: TrainingData, options: TrainOptions) -> Path:
     """Train (or resume) one StyleGAN2-ADA; returns the path of network-final.pt."""
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_stale_temporaries(options.out_dir)
+    if world()[0] == 0:
+        ckpt.claim_training_folder(options.out_dir)
+        ckpt.clean_stale_temporaries(options.out_dir)
+    else:
+        options.out_dir.mkdir(parents=True, exist_ok=True)
     trainer = GANTrainer(cfg, data, options)
+    found = None
     if options.resume:
         found = (
             ckpt.newest_loadable_snapshot(options.out_dir)
@@ -471,6 +578,8 @@ def train_gan(cfg: GANConfig, data: TrainingData, options: TrainOptions) -> Path
             path, state = found
             trainer.load_state_dict(state)
             log.info("resumed from %s at kimg %.3f with p %.4f", path, trainer.cur_nimg / 1000, record_p(trainer))
+    if found is None and options.init_from is not None:  # a resumed transfer run continues its own snapshots
+        trainer.init_from(Path(options.init_from))
     rank, _ = world()
     if not options.mlflow or rank != 0:
         return trainer.train()
@@ -484,7 +593,12 @@ def train_gan(cfg: GANConfig, data: TrainingData, options: TrainOptions) -> Path
 
         if trainer.mlflow_run_id is None:
             mlflow.log_params({k: str(v) for k, v in cfg.to_dict().items()})
-            mlflow.log_params({"classes": ",".join(options.classes), "n_train_images": len(data)})
+            mlflow.log_params({
+                "classes": ",".join(options.classes), "n_train_images": len(data),
+                "init_from": str(options.init_from or ""), "freeze_d": options.freeze_d,
+            })
+        # Numerics may differ between resumes (another machine): a tag, overwritten each time.
+        mlflow.set_tag("allow_tf32", str(options.allow_tf32).lower())
         trainer.mlflow_run_id = run.info.run_id
         return trainer.train()
 
