@@ -1,4 +1,4 @@
-"""Fast GAN ops and speed options agree with the pure-PyTorch reference (issue 6).
+"""Fast GAN ops and speed options agree with the pure-PyTorch reference.
 
 * fused bias_act (C++ built with ninja, cached in one build folder so a test session compiles
   once): forward, both first gradients and the double backward, against ``reference.bias_act``;
@@ -7,7 +7,8 @@
 * the whole training step: the fast path (fused ops, batched modulated convs, channels-last) and
   the reference path (CTSYNTH_FUSED_OPS=0, grouped modulated convs, NCHW) give the same losses
   and gradients on the same inputs and seeds (float32, 1e-4 relative);
-* bfloat16 on the top resolutions tracks the float32 run's losses and ADA p.
+* bfloat16 on the top resolutions changes each step's gradients by a small fraction of the
+  minibatch noise (and a deliberately broken reduced-precision path does not).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctsynth.gan import ops
-from ctsynth.gan.networks import Discriminator, Generator, bf16_supported, set_speed_options
+from ctsynth.gan import networks, ops
+from ctsynth.gan.networks import Discriminator, Generator, set_speed_options
 from ctsynth.gan.ops import fused, reference
 from ctsynth.gan.presets import make_config
 from ctsynth.gan.train import GANTrainer, TrainingData, TrainOptions
@@ -127,20 +128,30 @@ def _trainer(tmp_path: Path, **overrides) -> GANTrainer:
     return GANTrainer(cfg, data, TrainOptions(out_dir=tmp_path, classes=["a", "b"], mlflow=False, progress=False))
 
 
-def _phase_losses_and_grads(trainer: GANTrainer, grouped: bool) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
+def _phase_losses_and_grads(trainer: GANTrainer, draw: int = 123) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
+    """Loss and gradients of each phase for one set of random draws (``draw`` seeds them all).
+
+    The real batch, z, labels, noise, style mixing and augmentation all come from ``draw``, and
+    the path-length mean is put back afterwards, so two calls with the same ``draw`` see the
+    same inputs (on the same or another trainer) and calls with different draws see two
+    independent minibatches.
+    """
+    loss_state = copy.deepcopy(trainer.loss.state_dict())
+    trainer.data_generator.manual_seed(draw)
     real, real_c = trainer._real_batch()
     results = {}
     for phase in ("Gmain", "Greg", "Dmain", "Dreg"):
         module = trainer.G if phase.startswith("G") else trainer.D
         trainer.G.requires_grad_(phase.startswith("G"))
         trainer.D.requires_grad_(not phase.startswith("G"))
-        torch.manual_seed(123)  # the same z, noise, mixing and augmentation draws for both paths
+        torch.manual_seed(draw)  # the same z, noise, mixing and augmentation draws for both paths
         z, c = trainer._gen_inputs()
         module.zero_grad(set_to_none=True)
         out = trainer.loss.compute(phase, real, real_c, z, c)
         out.loss.backward()
         grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
         results[phase] = (float(out.loss.detach()), grads)
+    trainer.loss.load_state_dict(loss_state)
     return results
 
 
@@ -153,9 +164,9 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
     for net in (reference_trainer.G, reference_trainer.D):
         set_speed_options(net, 0, False, grouped_modconv=True)
 
-    got = _phase_losses_and_grads(fast, grouped=False)
+    got = _phase_losses_and_grads(fast)
     monkeypatch.setenv("CTSYNTH_FUSED_OPS", "0")
-    want = _phase_losses_and_grads(reference_trainer, grouped=True)
+    want = _phase_losses_and_grads(reference_trainer)
     for phase in want:
         loss, grads = got[phase]
         loss_ref, grads_ref = want[phase]
@@ -171,32 +182,56 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
             assert torch.allclose(g, r, rtol=1e-3, atol=1e-4 * scale), f"{phase}: {name}"
 
 
-def test_bf16_run_tracks_fp32_losses_and_ada_p(tmp_path) -> None:
-    """A short run with the top resolutions in bfloat16 follows the float32 run.
+# What bfloat16 must preserve is each training step's direction. The noise that step already
+# carries is the minibatch noise: float32 on two independent minibatches (another seed for the
+# real batch, z, noise and augmentation) gives gradients that differ by ||g(a) - g(b)||. bf16 on
+# the same minibatch as float32 may add at most BF16_NOISE_FRACTION of that (RMS over the four
+# phases and two draws). Measured on the tiny config (AMD EPYC, 2026-11-30): bf16 0.06-0.07;
+# activations rounded to 2 mantissa bits (float8 e5m2, the broken path below) 0.19-0.30.
+# A whole-run comparison (p or losses after a few dozen steps) cannot say this: training is
+# chaotic, so after 24 steps the bf16 and float32 runs are as far apart as two float32 runs with
+# different seeds (p differs by 0-2 ADA steps either way), whichever CPU computes them.
+BF16_NOISE_FRACTION = 1 / 8
 
-    Tolerance: over 24 minibatches the tick-averaged G and D losses stay within 0.15 (absolute,
-    logistic losses ~0.7-1.4) and adaptive p within one ADA step of each other.
+
+def _to_float8(out: torch.Tensor) -> torch.Tensor:
+    """A broken reduced-precision path: bf16 activations rounded to 2 mantissa bits (of 7)."""
+    return out.to(torch.float8_e5m2).to(out.dtype) if out.dtype == torch.bfloat16 else out
+
+
+def test_bf16_step_error_is_a_small_fraction_of_minibatch_noise_and_a_broken_path_is_not(tmp_path, monkeypatch) -> None:
+    """RMS over phases and draws of ||g_bf16 - g_fp32|| / ||g_fp32(draw) - g_fp32(another draw)||.
+
+    bfloat16 is forced on (PyTorch emulates it where the CPU has no native bf16), so the same
+    numerics are checked on every machine. The broken path hooks every conv / modulated conv of
+    its networks and rounds their bf16 outputs to float8; it must fail the same bound.
     """
-    if not bf16_supported("cpu"):
-        pytest.skip("this CPU has no native bfloat16 convolutions (oneDNN avx512_bf16 / AMX)")
-    runs = {}
-    for name, num_bf16 in (("fp32", 0), ("bf16", 2)):
-        cfg = make_config("tiny", 16, c_dim=2, batch=4, mbstd=2, seed=5, fixed_p=None, ada_kimg=0.05,
-                          num_bf16_res=num_bf16, channels_last=True)
-        generator = torch.Generator().manual_seed(0)
-        data = TrainingData(torch.rand(16, 1, 16, 16, generator=generator) * 2 - 1, torch.arange(16) % 2)
-        trainer = GANTrainer(cfg, data, TrainOptions(out_dir=tmp_path / name, classes=["a", "b"], mlflow=False,
-                                                     progress=False))
-        for _ in range(24):
-            trainer._train_step()
-        runs[name] = (copy.deepcopy(trainer._tick_stats), float(trainer.augment_pipe.p))
-    (stats32, p32), (stats16, p16) = runs["fp32"], runs["bf16"]
-    for key in ("Loss/G/loss", "Loss/D/loss"):
-        mean32 = sum(stats32[key]) / len(stats32[key])
-        mean16 = sum(stats16[key]) / len(stats16[key])
-        assert abs(mean32 - mean16) < 0.15, (key, mean32, mean16)
-    ada_step = 4 * 4 / (0.05 * 1000)
-    assert p32 > 0 and abs(p32 - p16) <= ada_step + 1e-6, (p32, p16)
+    monkeypatch.setattr(networks, "bf16_supported", lambda device_type: True)
+    fp32 = _trainer(tmp_path / "fp32", channels_last=True)
+    variants = {"bf16": _trainer(tmp_path / "bf16", channels_last=True, num_bf16_res=2),
+                "broken": _trainer(tmp_path / "broken", channels_last=True, num_bf16_res=2)}
+    for trainer in variants.values():
+        trainer.G.load_state_dict(fp32.G.state_dict())
+        trainer.D.load_state_dict(fp32.D.state_dict())
+    for layer in list(variants["broken"].G.modules()) + list(variants["broken"].D.modules()):
+        if isinstance(layer, (networks.SynthesisLayer, networks.Conv2dLayer)):
+            layer.register_forward_hook(lambda module, args, out: _to_float8(out))
+
+    def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([g.flatten().float() for g in grads.values()])
+
+    squares: dict[str, list[float]] = {name: [] for name in variants}
+    for draw in (1, 50):
+        want, other = _phase_losses_and_grads(fp32, draw), _phase_losses_and_grads(fp32, draw + 1)
+        for name, trainer in variants.items():
+            got = _phase_losses_and_grads(trainer, draw)
+            for phase in want:
+                assert got[phase][1].keys() == want[phase][1].keys(), phase
+                noise = (flat(other[phase][1]) - flat(want[phase][1])).norm()
+                squares[name].append(float((flat(got[phase][1]) - flat(want[phase][1])).norm() / noise) ** 2)
+    error = {name: (sum(values) / len(values)) ** 0.5 for name, values in squares.items()}
+    assert 0 < error["bf16"] < BF16_NOISE_FRACTION, error  # 0 would mean bf16 was not in use
+    assert error["broken"] > BF16_NOISE_FRACTION, error
 
 
 def test_speed_options_select_top_resolutions() -> None:
