@@ -1,4 +1,4 @@
-"""StyleGAN2-ADA training throughput, FLOPs and machine efficiency, measured in one run (issue 6).
+"""StyleGAN2-ADA training throughput, FLOPs and machine efficiency, measured in one run.
 
 For each arm it trains a preset (default ``bench64``: 64 px, batch 16, conditional on 2 classes,
 ADA bgc at fixed p 0.2, the full lazy schedule) on random images for a warm-up and then a fixed
