@@ -95,6 +95,27 @@ def test_bias_act_falls_back_to_reference_when_disabled(monkeypatch) -> None:
     assert fused.load_extension() is None and "disabled" in fused.extension_status()
 
 
+def test_gpu_machine_without_cuda_toolkit_falls_back_to_reference_for_cuda_tensors(monkeypatch, caplog) -> None:
+    """Simulated: CUDA is available but there is no nvcc, so the build has CPU kernels only."""
+    _extension_or_skip()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_which = shutil.which
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
+    for name, value in (("_extension", None), ("_extension_devices", frozenset()), ("_warned_devices", set()),
+                        ("_status", "not loaded")):
+        monkeypatch.setattr(fused, name, value)  # a fresh process on that machine
+    assert fused.load_extension() is not None and "(cpu)" in fused.extension_status()
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        assert fused.kernel_runs_on("cuda") is False
+        assert fused.kernel_runs_on("cuda") is False  # warned once
+    ours = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
+    assert len(ours) == 1 and "without cuda kernels" in ours[0] and "reference ops" in ours[0], ours
+    assert fused.kernel_runs_on("cpu") is True
+    x = torch.randn(2, 3, 4, 4)  # the CPU kernel still serves CPU tensors in that build
+    torch.testing.assert_close(fused.fused_bias_act(x, None, 1, "lrelu", 0.2, 2**0.5, None),
+                               reference.bias_act(x, act="lrelu"))
+
+
 def test_unknown_activation_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         ops.bias_act(torch.zeros(2, 2), act="tanh")
