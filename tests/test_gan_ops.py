@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from ctsynth.gan import networks, ops
 from ctsynth.gan.networks import Discriminator, Generator, set_speed_options
 from ctsynth.gan.ops import fused, reference
+from ctsynth.gan.precision import BF16_NOISE_FRACTION, bf16_gradient_error, phase_gradients
 from ctsynth.gan.presets import make_config
 from ctsynth.gan.train import GANTrainer, TrainingData, TrainOptions
 
@@ -149,33 +149,6 @@ def _trainer(tmp_path: Path, **overrides) -> GANTrainer:
     return GANTrainer(cfg, data, TrainOptions(out_dir=tmp_path, classes=["a", "b"], mlflow=False, progress=False))
 
 
-def _phase_losses_and_grads(trainer: GANTrainer, draw: int = 123) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
-    """Loss and gradients of each phase for one set of random draws (``draw`` seeds them all).
-
-    The real batch, z, labels, noise, style mixing and augmentation all come from ``draw``, and
-    the path-length mean is put back afterwards, so two calls with the same ``draw`` see the
-    same inputs (on the same or another trainer) and calls with different draws see two
-    independent minibatches.
-    """
-    loss_state = copy.deepcopy(trainer.loss.state_dict())
-    trainer.data_generator.manual_seed(draw)
-    real, real_c = trainer._real_batch()
-    results = {}
-    for phase in ("Gmain", "Greg", "Dmain", "Dreg"):
-        module = trainer.G if phase.startswith("G") else trainer.D
-        trainer.G.requires_grad_(phase.startswith("G"))
-        trainer.D.requires_grad_(not phase.startswith("G"))
-        torch.manual_seed(draw)  # the same z, noise, mixing and augmentation draws for both paths
-        z, c = trainer._gen_inputs()
-        module.zero_grad(set_to_none=True)
-        out = trainer.loss.compute(phase, real, real_c, z, c)
-        out.loss.backward()
-        grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-        results[phase] = (float(out.loss.detach()), grads)
-    trainer.loss.load_state_dict(loss_state)
-    return results
-
-
 def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypatch) -> None:
     _extension_or_skip()
     fast = _trainer(tmp_path / "fast", channels_last=True)
@@ -185,9 +158,9 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
     for net in (reference_trainer.G, reference_trainer.D):
         set_speed_options(net, 0, False, grouped_modconv=True)
 
-    got = _phase_losses_and_grads(fast)
+    got = phase_gradients(fast)
     monkeypatch.setenv("CTSYNTH_FUSED_OPS", "0")
-    want = _phase_losses_and_grads(reference_trainer)
+    want = phase_gradients(reference_trainer)
     for phase in want:
         loss, grads = got[phase]
         loss_ref, grads_ref = want[phase]
@@ -206,13 +179,12 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
 # What bfloat16 must preserve is each training step's direction. The noise that step already
 # carries is the minibatch noise: float32 on two independent minibatches (another seed for the
 # real batch, z, noise and augmentation) gives gradients that differ by ||g(a) - g(b)||. bf16 on
-# the same minibatch as float32 may add at most BF16_NOISE_FRACTION of that (RMS over the four
-# phases and two draws). Measured on the tiny config (AMD EPYC, 2026-11-30): bf16 0.06-0.07;
-# activations rounded to 2 mantissa bits (float8 e5m2, the broken path below) 0.19-0.30.
-# A whole-run comparison (p or losses after a few dozen steps) cannot say this: training is
-# chaotic, so after 24 steps the bf16 and float32 runs are as far apart as two float32 runs with
-# different seeds (p differs by 0-2 ADA steps either way), whichever CPU computes them.
-BF16_NOISE_FRACTION = 1 / 8
+# the same minibatch as float32 may add at most BF16_NOISE_FRACTION (1/8) of that, RMS over the
+# four phases and two draws (precision.bf16_gradient_error; the same check decides whether a
+# training run may use bf16). A whole-run comparison (p or losses after a few dozen steps)
+# cannot say this: training is chaotic, so after 24 steps the bf16 and float32 runs are as far
+# apart as two float32 runs with different seeds (p differs by 0-2 ADA steps either way),
+# whichever CPU computes them.
 
 
 def _to_float8(out: torch.Tensor) -> torch.Tensor:
@@ -238,19 +210,7 @@ def test_bf16_step_error_is_a_small_fraction_of_minibatch_noise_and_a_broken_pat
         if isinstance(layer, (networks.SynthesisLayer, networks.Conv2dLayer)):
             layer.register_forward_hook(lambda module, args, out: _to_float8(out))
 
-    def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([g.flatten().float() for g in grads.values()])
-
-    squares: dict[str, list[float]] = {name: [] for name in variants}
-    for draw in (1, 50):
-        want, other = _phase_losses_and_grads(fp32, draw), _phase_losses_and_grads(fp32, draw + 1)
-        for name, trainer in variants.items():
-            got = _phase_losses_and_grads(trainer, draw)
-            for phase in want:
-                assert got[phase][1].keys() == want[phase][1].keys(), phase
-                noise = (flat(other[phase][1]) - flat(want[phase][1])).norm()
-                squares[name].append(float((flat(got[phase][1]) - flat(want[phase][1])).norm() / noise) ** 2)
-    error = {name: (sum(values) / len(values)) ** 0.5 for name, values in squares.items()}
+    error = bf16_gradient_error(fp32, variants)
     assert 0 < error["bf16"] < BF16_NOISE_FRACTION, error  # 0 would mean bf16 was not in use
     assert error["broken"] > BF16_NOISE_FRACTION, error
 
