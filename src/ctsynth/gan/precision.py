@@ -267,9 +267,15 @@ def choose_precision(
 
     ``candidate_bf16_res``: how many top resolutions bf16 would cover (default
     ``cfg.num_bf16_res`` if set, else 2). The trainer trains with ``choice.num_bf16_res`` and logs
-    ``choice.mlflow_params()``.
+    ``choice.mlflow_params()``. It builds its own ``GANTrainer``s, so call it before constructing
+    the run's trainer (not from inside ``GANTrainer``) and before ``torch.distributed`` starts.
     """
     candidate = candidate_bf16_res or cfg.num_bf16_res or DEFAULT_BF16_RES
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The measurement trains single-process steps; inside a process group its trainers would
+        # all-reduce with ranks that are not measuring. Choose first, then start the group.
+        raise RuntimeError("choose_precision must run before torch.distributed is initialised (or on one "
+                           "process outside the group); pass its num_bf16_res to every rank")
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
     path = cache_path or default_cache_path()
