@@ -1,4 +1,4 @@
-"""StyleGAN2-ADA training throughput, FLOPs and machine efficiency, measured in one run (issue 6).
+"""StyleGAN2-ADA training throughput, FLOPs and machine efficiency, measured in one run.
 
 For each arm it trains a preset (default ``bench64``: 64 px, batch 16, conditional on 2 classes,
 ADA bgc at fixed p 0.2, the full lazy schedule) on random images for a warm-up and then a fixed
@@ -20,6 +20,15 @@ with the top ``--num-bf16-res`` resolutions in bfloat16 (only where the hardware
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/gan_throughput.py --reference
     PYTHONPATH=src python benchmarks/gan_throughput.py --preset cpu64 --set c_dim=2 --set fixed_p=0.2
     PYTHONPATH=src python benchmarks/gan_throughput.py --preset tiny --resolution 32 --steps 16 --warmup 1  # smoke
+    OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/gan_throughput.py --goals              # both goals, one run
+    PYTHONPATH=src python benchmarks/gan_throughput.py --preset cpu64 --set c_dim=2 --profile 4  # where time goes
+
+``--goals`` runs the fast float32 path of ``bench64`` and of ``cpu64`` (conditional on 2 classes,
+p fixed at 0.2) one after the other in one process and prints each as a percentage of the fp32
+matmul FLOP/s measured right before it, against the goals (bench64 >= 60 %, cpu64 >= 50 %), with
+the CPU model. ``--profile N`` runs N training minibatches of the fp32 arm under
+``torch.profiler`` and prints the operators by self CPU time, and how many operator calls one
+minibatch makes (the Python / dispatch overhead that small channel counts expose).
 """
 
 from __future__ import annotations
@@ -194,6 +203,59 @@ def run_arm(arm: str, cfg: GANConfig, args: argparse.Namespace, device: torch.de
     return result
 
 
+GOALS = (("bench64", {}, 0.60), ("cpu64", {"c_dim": 2, "fixed_p": 0.2}, 0.50))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def profile_arm(cfg: GANConfig, steps: int, device: torch.device, rows: int = 25) -> None:
+    """Print the top operators by self CPU time over ``steps`` training minibatches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    data = TrainingData(torch.rand(64, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
+                        torch.arange(64) % max(cfg.c_dim, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        options = TrainOptions(out_dir=Path(tmp), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
+                               mlflow=False, progress=False, device=str(device))
+        trainer = GANTrainer(cfg, data, options)
+        trainer._train_step()  # warm-up (first-call allocations, oneDNN primitive creation)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                trainer._train_step()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    calls = sum(e.count for e in events)
+    print(f"# profile: {steps} minibatches in {wall:.2f} s (under the profiler); {calls / steps:.0f} operator "
+          f"calls per minibatch")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
+def run_goals(args: argparse.Namespace, device: torch.device) -> None:
+    print(f"# goals run: CPU {cpu_model()}, device {device}, threads {args.threads}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    for preset, overrides, goal in GOALS:
+        cfg = arm_config(make_config(preset, 64, **overrides), "fp32", 0, not args.no_channels_last)
+        r = run_arm("fp32", cfg, args, device)
+        met = "met" if r["efficiency"] >= goal else "NOT met"
+        print(f"  {preset} fast fp32: {r['images_per_s']:.2f} img/s, {r['flops_per_minibatch'] / 1e9:.1f} GFLOP/minibatch, "
+              f"achieved {r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['efficiency']:.1f} % of the fp32 matmul "
+              f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s measured before it (goal {100 * goal:.0f} %: {met})", flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench64")
@@ -210,12 +272,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16 arm: top N resolutions in bfloat16 (default: the preset's, else 2)")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--goals", action="store_true", help="bench64 and cpu64 fast fp32 vs their goals, one run")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N minibatches of the fp32 arm (torch.profiler) instead of timing")
     args = parser.parse_args(argv)
     if args.steps < 16 or args.steps % 16:
         parser.error("--steps must be a positive multiple of 16 (so the lazy phases are represented)")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.goals:
+        if fused_ops_enabled():
+            load_extension()
+        run_goals(args, device)
+        return
     overrides: dict[str, object] = {"batch": args.batch} if args.batch else {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -233,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if fused_ops_enabled():
         load_extension()  # build once before any timing
+    if args.profile:
+        print(f"# profile of preset {args.preset} fast fp32, CPU {cpu_model()}, threads {args.threads}", flush=True)
+        profile_arm(arm_config(base, "fp32", 0, not args.no_channels_last), args.profile, device)
+        return
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"# gan_throughput: preset {args.preset} @ {args.resolution} px, batch {base.batch}, c_dim {base.c_dim}, "
           f"augment {base.augment} p={base.fixed_p}, device {device}, threads {args.threads}, torch {torch.__version__}")

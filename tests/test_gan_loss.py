@@ -115,6 +115,29 @@ def test_path_length_bookkeeping() -> None:
     assert fresh.pl_mean.item() == loss.pl_mean.item()
 
 
+def test_path_length_mean_is_the_running_average_of_the_lengths() -> None:
+    """a is the decay-weighted mean of the lengths seen so far -- from the first step on, not an
+    average that starts at 0 (which would pull every length towards 0 for ~1/decay steps)."""
+    G, D = StubG(num_ws=4, size=1, k=3.0), StubD()
+    loss = StyleGAN2Loss(G, D, pl_weight=2.0, pl_decay=0.01, pl_batch_shrink=1, pl_interval=4)
+    batch_means, weights = [], []
+    for step in range(3):
+        torch.manual_seed(step)
+        z = torch.randn(8, 5)
+        y = torch.randn(8, 1, 1, 1)  # the noise the phase draws next
+        # img = k * ws[:, 0, 0] at one pixel: |J^T y| = |k y| over the mean of 4 layers.
+        batch_means.append(float((3.0 * y).abs().mean() / 2))
+        torch.manual_seed(step)
+        loss.compute("Greg", torch.zeros(8, 1, 1, 1), None, torch.randn(8, 5), None)
+        weights = [w * 0.99 for w in weights] + [0.01]
+        want = sum(w * m for w, m in zip(weights, batch_means)) / sum(weights)
+        assert loss.pl_mean.item() == pytest.approx(want, rel=1e-5), step
+    assert loss.pl_mean.item() > 0.5 * min(batch_means)  # an uncorrected EMA: ~3 % of them
+    restored = StyleGAN2Loss(G, D)
+    restored.load_state_dict(loss.state_dict())
+    assert (restored.pl_mean, restored.pl_ema, restored.pl_weight_sum) == (loss.pl_mean, loss.pl_ema, loss.pl_weight_sum)
+
+
 def test_lazy_regularization_adam_correction() -> None:
     lr, betas = lazy_regularization_adam(0.002, (0.0, 0.99), 16)
     c = 16 / 17

@@ -200,20 +200,47 @@ def test_generator_parameter_count_formula() -> None:
         assert G.num_ws == 2 * 3 - 2  # 2 log2(R) - 2
 
 
-def test_discriminator_parameter_count_formula() -> None:
+@pytest.mark.parametrize("architecture", ["resnet", "orig", "skip"])
+def test_discriminator_parameter_count_formula(architecture) -> None:
     label_layers = 2
 
     def expected(c_dim: int) -> int:
         fromrgb = IMG * CH8 + CH8
-        block = (CH8 * CH8 * 9 + CH8) + (CH4 * CH8 * 9 + CH4) + CH4 * CH8  # conv0, conv1 (down), skip (no bias)
+        block = (CH8 * CH8 * 9 + CH8) + (CH4 * CH8 * 9 + CH4)  # conv0, conv1 (down)
+        if architecture == "resnet":
+            block += CH4 * CH8  # 1x1 residual branch (no bias)
+        if architecture == "skip":
+            fromrgb += IMG * CH4 + CH4  # fromRGB of the 4x4 image into the head
         cmap = CH4 if c_dim else 0
         epilogue = (CH4 * (CH4 + 1) * 9 + CH4) + fc(CH4 * 16, CH4) + fc(CH4, cmap if c_dim else 1)
         mapping = (fc(c_dim, cmap) + label_layers * fc(cmap, cmap)) if c_dim else 0
         return fromrgb + block + epilogue + mapping
 
     for c_dim in (0, C_DIM):
-        D = Discriminator(c_dim, 8, IMG, channel_base=32, channel_max=16, label_map_layers=label_layers)
+        D = Discriminator(c_dim, 8, IMG, channel_base=32, channel_max=16, label_map_layers=label_layers,
+                          architecture=architecture)
         assert n_params(D) == expected(c_dim)
+
+
+@pytest.mark.parametrize("architecture", ["orig", "skip"])
+def test_other_discriminator_architectures_compute_what_they_say(architecture) -> None:
+    """No residual branch in either; skip: the image also enters through a lower-resolution fromRGB
+    (changing it changes the logits); the R1 double backward reaches every parameter."""
+    torch.manual_seed(0)
+    D = Discriminator(2, 16, 1, channel_base=128, channel_max=16, architecture=architecture)
+    img, c = torch.randn(4, 1, 16, 16, requires_grad=True), torch.eye(2)[[0, 1, 0, 1]]
+    logits = D(img, c)
+    assert logits.shape == (4, 1) and torch.isfinite(logits).all()
+    assert all(block.skip is None for block in D.blocks.values())
+    (grad,) = torch.autograd.grad(logits.sum(), img, create_graph=True)
+    (logits.sum() + grad.square().sum()).backward()
+    assert all(p.grad is not None for p in D.parameters())
+    if architecture == "skip":
+        with torch.no_grad():
+            D.skip_fromrgb["b4"].weight.add_(1.0)
+        assert not torch.allclose(D(img, c), logits)
+    with pytest.raises(ValueError, match="unknown discriminator architecture"):
+        Discriminator(0, 16, 1, architecture="stylegan1")
 
 
 def tiny_pair(c_dim: int = 0) -> tuple[Generator, Discriminator]:
@@ -267,13 +294,30 @@ def test_style_mixing_switches_once_to_a_second_latent() -> None:
     z = torch.randn(16, G.z_dim)
     ws = G.mapping_with_mixing(z, None, mixing_prob=1.0)
     plain = G.mapping(z, None)
+    crossovers = set()
     for n in range(16):
         same = torch.isclose(ws[n], plain[n]).all(dim=1)  # per layer
         crossover = int(same.float().argmin())
         assert 1 <= crossover < G.num_ws
         assert same[:crossover].all() and not same[crossover:].any()
         assert torch.allclose(ws[n, crossover:], ws[n, crossover:][:1].expand(G.num_ws - crossover, -1))
+        crossovers.add(crossover)
+    assert len(crossovers) == 1  # one crossover layer for the whole minibatch
     torch.testing.assert_close(G.mapping_with_mixing(z, None, mixing_prob=0.0), plain)
+
+
+def test_style_mixing_is_decided_once_per_minibatch() -> None:
+    """With probability 0.5, about half the minibatches are mixed -- each entirely or not at all."""
+    G, _ = tiny_pair()
+    z = torch.randn(8, G.z_dim)
+    plain = G.mapping(z, None)
+    mixed_fraction = []
+    for _ in range(40):
+        ws = G.mapping_with_mixing(z, None, mixing_prob=0.5)
+        mixed = ~torch.isclose(ws, plain).all(dim=2).all(dim=1)  # per sample
+        assert mixed.all() or not mixed.any()
+        mixed_fraction.append(float(mixed.all()))
+    assert 0.2 < sum(mixed_fraction) / len(mixed_fraction) < 0.8
 
 
 def test_conditional_networks_use_labels() -> None:
@@ -325,6 +369,7 @@ def test_fixed_presets_match_the_table() -> None:
     assert (c.batch, c.mbstd, c.channel_base, c.map_layers, c.gamma, c.ema_kimg, c.ema_rampup) == (
         64, 32, 32768, 2, 0.01, 500.0, 0.05)
     assert c.style_mixing_prob == 0.0 and s.style_mixing_prob == 0.9
+    assert (c.d_architecture, s.d_architecture, p.d_architecture) == ("orig", "resnet", "resnet")
     cpu = make_config("cpu64", 64)
     assert (cpu.channel_base, cpu.channel_max, cpu.map_layers, cpu.z_dim, cpu.w_dim) == (1024, 128, 2, 256, 256)
     assert (cpu.pl_weight, cpu.style_mixing_prob, cpu.ada_kimg, cpu.gamma) == (0.0, 0.0, 100.0, 1.0)
@@ -340,3 +385,5 @@ def test_overrides_and_errors() -> None:
     with pytest.raises(ValueError, match="power of two"):
         make_config("tiny", 48)
     assert GANConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="d_architecture"):
+        make_config("tiny", 32, d_architecture="residual")

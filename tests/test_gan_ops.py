@@ -1,4 +1,4 @@
-"""Fast GAN ops and speed options agree with the pure-PyTorch reference (issue 6).
+"""Fast GAN ops and speed options agree with the pure-PyTorch reference.
 
 * fused bias_act (C++ built with ninja, cached in one build folder so a test session compiles
   once): forward, both first gradients and the double backward, against ``reference.bias_act``;
@@ -7,21 +7,22 @@
 * the whole training step: the fast path (fused ops, batched modulated convs, channels-last) and
   the reference path (CTSYNTH_FUSED_OPS=0, grouped modulated convs, NCHW) give the same losses
   and gradients on the same inputs and seeds (float32, 1e-4 relative);
-* bfloat16 on the top resolutions tracks the float32 run's losses and ADA p.
+* bfloat16 on the top resolutions changes each step's gradients by a small fraction of the
+  minibatch noise (and a deliberately broken reduced-precision path does not).
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from ctsynth.gan import ops
-from ctsynth.gan.networks import Discriminator, Generator, bf16_supported, set_speed_options
+from ctsynth.gan import networks, ops
+from ctsynth.gan.networks import Discriminator, Generator, set_speed_options
 from ctsynth.gan.ops import fused, reference
+from ctsynth.gan.precision import BF16_NOISE_FRACTION, bf16_gradient_error, phase_gradients
 from ctsynth.gan.presets import make_config
 from ctsynth.gan.train import GANTrainer, TrainingData, TrainOptions
 
@@ -94,6 +95,27 @@ def test_bias_act_falls_back_to_reference_when_disabled(monkeypatch) -> None:
     assert fused.load_extension() is None and "disabled" in fused.extension_status()
 
 
+def test_gpu_machine_without_cuda_toolkit_falls_back_to_reference_for_cuda_tensors(monkeypatch, caplog) -> None:
+    """Simulated: CUDA is available but there is no nvcc, so the build has CPU kernels only."""
+    _extension_or_skip()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_which = shutil.which
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
+    for name, value in (("_extension", None), ("_extension_devices", frozenset()), ("_warned_devices", set()),
+                        ("_status", "not loaded")):
+        monkeypatch.setattr(fused, name, value)  # a fresh process on that machine
+    assert fused.load_extension() is not None and "(cpu)" in fused.extension_status()
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        assert fused.kernel_runs_on("cuda") is False
+        assert fused.kernel_runs_on("cuda") is False  # warned once
+    ours = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
+    assert len(ours) == 1 and "without cuda kernels" in ours[0] and "reference ops" in ours[0], ours
+    assert fused.kernel_runs_on("cpu") is True
+    x = torch.randn(2, 3, 4, 4)  # the CPU kernel still serves CPU tensors in that build
+    torch.testing.assert_close(fused.fused_bias_act(x, None, 1, "lrelu", 0.2, 2**0.5, None),
+                               reference.bias_act(x, act="lrelu"))
+
+
 def test_unknown_activation_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         ops.bias_act(torch.zeros(2, 2), act="tanh")
@@ -127,23 +149,6 @@ def _trainer(tmp_path: Path, **overrides) -> GANTrainer:
     return GANTrainer(cfg, data, TrainOptions(out_dir=tmp_path, classes=["a", "b"], mlflow=False, progress=False))
 
 
-def _phase_losses_and_grads(trainer: GANTrainer, grouped: bool) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
-    real, real_c = trainer._real_batch()
-    results = {}
-    for phase in ("Gmain", "Greg", "Dmain", "Dreg"):
-        module = trainer.G if phase.startswith("G") else trainer.D
-        trainer.G.requires_grad_(phase.startswith("G"))
-        trainer.D.requires_grad_(not phase.startswith("G"))
-        torch.manual_seed(123)  # the same z, noise, mixing and augmentation draws for both paths
-        z, c = trainer._gen_inputs()
-        module.zero_grad(set_to_none=True)
-        out = trainer.loss.compute(phase, real, real_c, z, c)
-        out.loss.backward()
-        grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-        results[phase] = (float(out.loss.detach()), grads)
-    return results
-
-
 def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypatch) -> None:
     _extension_or_skip()
     fast = _trainer(tmp_path / "fast", channels_last=True)
@@ -153,9 +158,9 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
     for net in (reference_trainer.G, reference_trainer.D):
         set_speed_options(net, 0, False, grouped_modconv=True)
 
-    got = _phase_losses_and_grads(fast, grouped=False)
+    got = phase_gradients(fast, draw=123)
     monkeypatch.setenv("CTSYNTH_FUSED_OPS", "0")
-    want = _phase_losses_and_grads(reference_trainer, grouped=True)
+    want = phase_gradients(reference_trainer, draw=123)
     for phase in want:
         loss, grads = got[phase]
         loss_ref, grads_ref = want[phase]
@@ -171,32 +176,43 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
             assert torch.allclose(g, r, rtol=1e-3, atol=1e-4 * scale), f"{phase}: {name}"
 
 
-def test_bf16_run_tracks_fp32_losses_and_ada_p(tmp_path) -> None:
-    """A short run with the top resolutions in bfloat16 follows the float32 run.
+# What bfloat16 must preserve is each training step's direction. The noise that step already
+# carries is the minibatch noise: float32 on two independent minibatches (another seed for the
+# real batch, z, noise and augmentation) gives gradients that differ by ||g(a) - g(b)||. bf16 on
+# the same minibatch as float32 may add at most BF16_NOISE_FRACTION (1/8) of that, RMS over the
+# four phases and two draws (precision.bf16_gradient_error; the same check decides whether a
+# training run may use bf16). A whole-run comparison (p or losses after a few dozen steps)
+# cannot say this: training is chaotic, so after 24 steps the bf16 and float32 runs are as far
+# apart as two float32 runs with different seeds (p differs by 0-2 ADA steps either way),
+# whichever CPU computes them.
 
-    Tolerance: over 24 minibatches the tick-averaged G and D losses stay within 0.15 (absolute,
-    logistic losses ~0.7-1.4) and adaptive p within one ADA step of each other.
+
+def _to_float8(out: torch.Tensor) -> torch.Tensor:
+    """A broken reduced-precision path: bf16 activations rounded to 2 mantissa bits (of 7)."""
+    return out.to(torch.float8_e5m2).to(out.dtype) if out.dtype == torch.bfloat16 else out
+
+
+def test_bf16_step_error_is_a_small_fraction_of_minibatch_noise_and_a_broken_path_is_not(tmp_path, monkeypatch) -> None:
+    """RMS over phases and draws of ||g_bf16 - g_fp32|| / ||g_fp32(draw) - g_fp32(another draw)||.
+
+    bfloat16 is forced on (PyTorch emulates it where the CPU has no native bf16), so the same
+    numerics are checked on every machine. The broken path hooks every conv / modulated conv of
+    its networks and rounds their bf16 outputs to float8; it must fail the same bound.
     """
-    if not bf16_supported("cpu"):
-        pytest.skip("this CPU has no native bfloat16 convolutions (oneDNN avx512_bf16 / AMX)")
-    runs = {}
-    for name, num_bf16 in (("fp32", 0), ("bf16", 2)):
-        cfg = make_config("tiny", 16, c_dim=2, batch=4, mbstd=2, seed=5, fixed_p=None, ada_kimg=0.05,
-                          num_bf16_res=num_bf16, channels_last=True)
-        generator = torch.Generator().manual_seed(0)
-        data = TrainingData(torch.rand(16, 1, 16, 16, generator=generator) * 2 - 1, torch.arange(16) % 2)
-        trainer = GANTrainer(cfg, data, TrainOptions(out_dir=tmp_path / name, classes=["a", "b"], mlflow=False,
-                                                     progress=False))
-        for _ in range(24):
-            trainer._train_step()
-        runs[name] = (copy.deepcopy(trainer._tick_stats), float(trainer.augment_pipe.p))
-    (stats32, p32), (stats16, p16) = runs["fp32"], runs["bf16"]
-    for key in ("Loss/G/loss", "Loss/D/loss"):
-        mean32 = sum(stats32[key]) / len(stats32[key])
-        mean16 = sum(stats16[key]) / len(stats16[key])
-        assert abs(mean32 - mean16) < 0.15, (key, mean32, mean16)
-    ada_step = 4 * 4 / (0.05 * 1000)
-    assert p32 > 0 and abs(p32 - p16) <= ada_step + 1e-6, (p32, p16)
+    monkeypatch.setattr(networks, "bf16_supported", lambda device_type: True)
+    fp32 = _trainer(tmp_path / "fp32", channels_last=True)
+    variants = {"bf16": _trainer(tmp_path / "bf16", channels_last=True, num_bf16_res=2),
+                "broken": _trainer(tmp_path / "broken", channels_last=True, num_bf16_res=2)}
+    for trainer in variants.values():
+        trainer.G.load_state_dict(fp32.G.state_dict())
+        trainer.D.load_state_dict(fp32.D.state_dict())
+    for layer in list(variants["broken"].G.modules()) + list(variants["broken"].D.modules()):
+        if isinstance(layer, (networks.SynthesisLayer, networks.Conv2dLayer)):
+            layer.register_forward_hook(lambda module, args, out: _to_float8(out))
+
+    error = bf16_gradient_error(fp32, variants)
+    assert 0 < error["bf16"] < BF16_NOISE_FRACTION, error  # 0 would mean bf16 was not in use
+    assert error["broken"] > BF16_NOISE_FRACTION, error
 
 
 def test_speed_options_select_top_resolutions() -> None:

@@ -1,4 +1,4 @@
-"""StyleGAN2-ADA, written from the papers (see ``/work/shared/STYLEGAN2_ADA.md``).
+"""StyleGAN2-ADA, written from the papers (design, presets and measurements: ``docs/gan.md``).
 
 ``networks`` (Generator, Discriminator), ``augment`` (AugmentPipe, AdaptiveP),
 ``loss`` (StyleGAN2Loss), ``presets`` (GANConfig, make_config), ``ops`` (upfirdn2d,

@@ -8,8 +8,12 @@ augmentations do not "leak" into generated images, because D cannot tell an
 augmented distribution from the clean one's augmentation.
 
 Geometric transforms ("blit" + "geom") are composed into one 3x3 matrix per
-image and applied once: reflect pad, 2x upsample with a low-pass filter,
-bilinear resample (``affine_grid`` + ``bilinear_sample``), low-pass 2x downsample. Colour transforms are composed
+image and applied once: reflect pad, 2x upsample with an orthonormal wavelet
+low-pass (symlet, 12 taps), bilinear resample (``affine_grid`` +
+``bilinear_sample``), 2x downsample with the same wavelet reversed. Because the
+wavelet is orthonormal the up/down pair is an exact round trip: an image whose
+matrix is the identity, a flip, a quarter turn or a whole-pixel shift is
+reproduced pixel for pixel, and D never sees a blurred copy of a real image. Colour transforms are composed
 into one 4x4 matrix on (r, g, b, 1). Hue and saturation are skipped for
 1-channel images (on grey they are the identity anyway).
 
@@ -30,18 +34,21 @@ twice differentiable too. ``tests/test_gan_augment.py`` checks both with
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ctsynth.gan.ops import setup_filter, upfirdn2d
 
-__all__ = ["AUGMENT_SPECS", "AugmentPipe", "AdaptiveP", "bilinear_sample", "lowpass_filter"]
+__all__ = ["AUGMENT_SPECS", "AugmentPipe", "AdaptiveP", "bilinear_sample", "wavelet_lowpass"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +78,49 @@ DEFAULT_RANGES: dict[str, float] = {
 }
 
 
-def lowpass_filter(taps: int = 12) -> torch.Tensor:
-    """Half-band low-pass FIR for 2x resampling: Hann-windowed sinc, cutoff at the
-    original Nyquist frequency, normalised to sum 1. ``taps`` must be even so
-    that the filter is centred between samples like ``[1, 3, 3, 1]``.
+@functools.lru_cache(maxsize=None)
+def _symlet_taps(order: int) -> tuple[float, ...]:
+    """Least-asymmetric orthonormal Daubechies low-pass ("symlet") with ``order`` vanishing moments.
+
+    Daubechies' construction: ``H(w) = ((1 + e^-iw) / 2)^order * L(w)`` with
+    ``|L(w)|^2 = P(sin^2(w/2))``, ``P(y) = sum_k C(order-1+k, k) y^k``. Each root ``y_k`` of P gives
+    a reciprocal pair of roots ``z, 1/z`` of ``z + 1/z = 2 - 4 y_k``; any choice of one root per pair
+    (conjugates chosen alike, so the taps are real) is a valid spectral factor. Of those, the symlet
+    is the one whose phase is closest to linear (least shift of detail between frequencies).
     """
-    if taps % 2 or taps < 4:
-        raise ValueError(f"taps must be even and >= 4, got {taps}")
-    n = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2
-    window = torch.cos(math.pi * n / (taps + 1)).square()  # Hann window, non-zero at the ends
-    f = torch.sinc(n / 2) * window
-    return setup_filter((f / f.sum()).float())
+    roots_y = np.roots([math.comb(order - 1 + k, k) for k in range(order)][::-1])
+    best: tuple[float, np.ndarray] | None = None
+    w = np.linspace(0, 0.9 * math.pi, 256)
+    for choice in itertools.product((0, 1), repeat=len(roots_y)):
+        zeros = []
+        for y, pick in zip(roots_y, choice):
+            pair = sorted(np.roots([1, -(2 - 4 * y), 1]), key=abs)
+            zeros.append(pair[pick])
+        taps = np.poly(zeros)
+        for _ in range(order):
+            taps = np.convolve(taps, [0.5, 0.5])
+        if np.abs(taps.imag).max() > 1e-9:  # conjugate roots chosen differently: complex taps
+            continue
+        taps = taps.real / taps.real.sum()
+        phase = np.unwrap(np.angle(np.exp(-1j * np.outer(w, np.arange(len(taps)))) @ taps))
+        design = np.stack([w, np.ones_like(w)], axis=1)
+        residual = phase - design @ np.linalg.lstsq(design, phase, rcond=None)[0]
+        if best is None or np.abs(residual).max() < best[0] - 1e-9:
+            best = (float(np.abs(residual).max()), taps)
+    assert best is not None
+    return tuple(float(t) for t in best[1])
+
+
+def wavelet_lowpass(order: int = 6) -> torch.Tensor:
+    """The symlet low-pass of ``order`` (``2 * order`` taps), normalised to sum 1.
+
+    Orthonormality (``sum_n h[n] h[n + 2m] = 0`` for ``m != 0``) is what makes the 2x resampling
+    chain exact: upsampling with ``h`` and downsampling with the reversed ``h`` reconstructs the
+    input, so an image with no transform drawn, or an integer shift, comes out unchanged.
+    """
+    if order < 1:
+        raise ValueError(f"wavelet order must be >= 1, got {order}")
+    return setup_filter(torch.tensor(_symlet_taps(order), dtype=torch.float64).float())
 
 
 def bilinear_sample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -174,6 +213,17 @@ def _rotate3d(axis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _maps_pixel_centres_to_pixel_centres(g: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per matrix: is it a signed permutation of the axes plus a translation that takes the first
+    pixel centre onto a pixel centre (then, the 2x2 part being integral, every centre is)."""
+    linear = g[:, :2, :2]
+    integral = ((linear - linear.round()).abs() < 1e-5).all(dim=(1, 2)) & (linear.round().abs().sum(dim=1) == 1).all(dim=1)
+    first = torch.tensor([0.5 - width / 2, 0.5 - height / 2, 1.0], device=g.device)
+    lands = (g @ first)[:, :2] - first[:2]
+    on_centre = ((lands - lands.round()).abs() < 1e-4).all(dim=1)
+    return integral & on_centre & (g[:, 2] == torch.tensor([0.0, 0.0, 1.0], device=g.device)).all(dim=1)
+
+
 # ---------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------
@@ -184,7 +234,8 @@ class AugmentPipe(nn.Module):
 
     Args:
         spec: one of ``AUGMENT_SPECS`` (``'bgc'`` is the paper's default).
-        lowpass_taps: length of the 2x resampling low-pass filter.
+        wavelet_order: vanishing moments of the symlet used for 2x up/down resampling
+            (``2 * wavelet_order`` taps; 6 as in the ADA paper).
         **ranges: override entries of ``DEFAULT_RANGES``.
 
     ``p`` is a 0-d buffer (so it is saved in ``state_dict`` and moves with
@@ -192,7 +243,7 @@ class AugmentPipe(nn.Module):
     the forward pass returns its input unchanged.
     """
 
-    def __init__(self, spec: str = "bgc", lowpass_taps: int = 12, **ranges: float) -> None:
+    def __init__(self, spec: str = "bgc", wavelet_order: int = 6, **ranges: float) -> None:
         super().__init__()
         if spec not in AUGMENT_SPECS:
             raise ValueError(f"unknown augment spec {spec!r}; expected one of {sorted(AUGMENT_SPECS)}")
@@ -203,7 +254,12 @@ class AugmentPipe(nn.Module):
         self.strengths = {name: 0.0 for name in AUGMENT_SPECS["bgc"]} | AUGMENT_SPECS[spec]
         self.ranges = DEFAULT_RANGES | {k: float(v) for k, v in ranges.items()}
         self.register_buffer("p", torch.zeros([]))
-        self.register_buffer("lowpass", lowpass_filter(lowpass_taps), persistent=False)
+        self.register_buffer("lowpass", wavelet_lowpass(wavelet_order), persistent=False)
+        # Offset of the filter's centre of mass from the centre of its taps, in original pixels
+        # (2x samples / 2); see ``_warp``.
+        taps = self.lowpass.double()
+        centre_of_mass = float((torch.arange(len(taps), dtype=torch.float64) * taps).sum() / taps.sum())
+        self.lowpass_shift = (centre_of_mass - (len(taps) - 1) / 2) / 2
         luma = torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3.0)
         self.register_buffer("luma_axis", luma, persistent=False)
 
@@ -283,45 +339,78 @@ class AugmentPipe(nn.Module):
     # -- application --------------------------------------------------------
 
     def _resample(self, images: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Apply the per-image geometric matrices ``g`` with a 2x supersampled bilinear resample."""
+        """Apply the per-image geometric matrices ``g`` (output -> input pixel coordinates).
+
+        Images whose matrix maps pixel centres onto pixel centres (the identity, flips, quarter
+        turns, whole-pixel shifts: every "blit" draw) are copied pixel by pixel from the
+        reflect-padded input, with no filter at all. The others (a scale, rotation, anisotropy or
+        fractional shift was drawn) go through the 2x wavelet supersampling in ``_warp``.
+        """
         batch, channels, height, width = images.shape
         g = g.to(torch.float32)  # geometry in float32 whatever the image dtype
-        f = self.lowpass
-        taps = f.shape[0]
-        # The 2x output grid covers the image plus a margin of (taps-2)/4 pixels,
-        # so that the final unpadded downsample yields exactly H x W, centred.
-        grid_h, grid_w = 2 * height + taps - 2, 2 * width + taps - 2
-
-        # Reflect padding large enough to cover where the grid's corners land
-        # (plus the upsampling filter's support), at most size - 1 (reflect's limit).
-        cx, cy = grid_w / 4, grid_h / 4
+        exact = _maps_pixel_centres_to_pixel_centres(g, height, width)
+        if exact.all() and torch.equal(g, torch.eye(3, device=g.device).expand_as(g)):
+            return images
+        taps = self.lowpass.shape[0]
+        # Reflect padding that covers where the corners of the (larger) 2x grid of _warp land,
+        # plus the upsampling filter's support; at most size - 1 (reflect's limit).
+        cx, cy = width / 2 + (taps - 2) / 4, height / 2 + (taps - 2) / 4
         corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=g.device).T
         src = (g @ corners)[:, :2]  # N x 2 x 4
-        margin = taps / 4 + 1
-        lo = src.amin(dim=(0, 2))
-        hi = src.amax(dim=(0, 2))
-        need = torch.stack([-width / 2 - lo[0], hi[0] - width / 2, -height / 2 - lo[1], hi[1] - height / 2]) + margin
-        px0, px1, py0, py1 = need.ceil().clamp(min=0).tolist()
+        lo, hi = src.amin(dim=(0, 2)), src.amax(dim=(0, 2))
+        need = torch.stack([-width / 2 - lo[0], hi[0] - width / 2, -height / 2 - lo[1], hi[1] - height / 2])
+        px0, px1, py0, py1 = (need + taps / 4 + 1).ceil().clamp(min=0).tolist()
         px0, px1 = int(min(px0, width - 1)), int(min(px1, width - 1))
         py0, py1 = int(min(py0, height - 1)), int(min(py1, height - 1))
-        x = F.pad(images, [px0, px1, py0, py1], mode="reflect")
+        padded = F.pad(images, [px0, px1, py0, py1], mode="reflect")
+        # Centred pixel coordinates -> the padded image's normalised [-1, 1] coordinates.
         padded_w, padded_h = width + px0 + px1, height + py0 + py1
-
-        # 2x upsample (same area, twice the samples), low-pass, gain 4.
-        x = upfirdn2d(x, f, up=2, padding=(taps // 2, taps // 2 - 1, taps // 2, taps // 2 - 1), gain=4)
-
-        # theta: output grid (normalised) -> centred pixels -> g -> padded input (normalised).
-        to_pixels = torch.diag(torch.tensor([cx, cy, 1.0], device=g.device))
         to_normalised = torch.tensor(
             [[2 / padded_w, 0, (px0 - px1) / padded_w], [0, 2 / padded_h, (py0 - py1) / padded_h], [0, 0, 1]],
             device=g.device,
         )
-        theta = (to_normalised @ g @ to_pixels)[:, :2].to(x.dtype)
+
+        parts, order = [], []
+        copy_idx, warp_idx = exact.nonzero().flatten(), (~exact).nonzero().flatten()
+        if len(copy_idx):
+            to_pixels = torch.diag(torch.tensor([width / 2, height / 2, 1.0], device=g.device))
+            theta = (to_normalised @ g[copy_idx] @ to_pixels)[:, :2].to(images.dtype)
+            grid = F.affine_grid(theta, [len(copy_idx), channels, height, width], align_corners=False)
+            parts.append(bilinear_sample(padded[copy_idx], grid))
+            order.append(copy_idx)
+        if len(warp_idx):
+            parts.append(self._warp(padded[warp_idx], g[warp_idx], to_normalised, height, width))
+            order.append(warp_idx)
+        if len(order) == 1:
+            return parts[0]
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+    def _warp(
+        self, padded: torch.Tensor, g: torch.Tensor, to_normalised: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        """2x upsample with the symlet, bilinear resample by ``g``, 2x downsample with it reversed.
+
+        The symlet is not symmetric: its centre of mass sits ``shift`` pixels off the centre of
+        its taps, so the upsampled image is displaced by ``shift`` and the reversed filter of the
+        downsample displaces back. For the identity that cancels exactly; for a rotation it would
+        not (the displacement would rotate), so ``g`` is conjugated by that translation: the
+        resample undoes the upsample's displacement and pre-applies the downsample's.
+        """
+        batch, channels = padded.shape[:2]
+        f = self.lowpass
+        taps = f.shape[0]
+        # The 2x grid covers the image plus a margin of (taps-2)/4 pixels, so that the final
+        # unpadded downsample yields exactly H x W, centred.
+        grid_h, grid_w = 2 * height + taps - 2, 2 * width + taps - 2
+        x = upfirdn2d(padded, f, up=2, padding=(taps // 2, taps // 2 - 1, taps // 2, taps // 2 - 1), gain=4)
+        to_pixels = torch.diag(torch.tensor([grid_w / 4, grid_h / 4, 1.0], device=g.device))
+        shift = self.lowpass_shift
+        centred = _translate2d(-shift * torch.ones(1, device=g.device), -shift * torch.ones(1, device=g.device))
+        uncentred = _translate2d(shift * torch.ones(1, device=g.device), shift * torch.ones(1, device=g.device))
+        theta = (to_normalised @ uncentred @ g @ centred @ to_pixels)[:, :2].to(x.dtype)
         grid = F.affine_grid(theta, [batch, channels, grid_h, grid_w], align_corners=False)
         x = bilinear_sample(x, grid)
-
-        # Low-pass and decimate back to H x W.
-        return upfirdn2d(x, f, down=2)
+        return upfirdn2d(x, f, down=2, flip_filter=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4:

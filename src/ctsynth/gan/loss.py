@@ -123,7 +123,9 @@ class StyleGAN2Loss:
         self.r1_interval = r1_interval
         self.pl_interval = pl_interval
         device = next(G.parameters()).device
-        self.pl_mean = torch.zeros([], device=device)
+        self.pl_ema = torch.zeros([], device=device)  # running sum of lengths, starting at 0
+        self.pl_weight_sum = torch.zeros([], device=device)  # the weight that sum has accumulated
+        self.pl_mean = torch.zeros([], device=device)  # a = pl_ema / pl_weight_sum
 
     # -- helpers --------------------------------------------------------------
 
@@ -193,7 +195,14 @@ class StyleGAN2Loss:
         (grad,) = torch.autograd.grad((gen_img * noise).sum(), ws, create_graph=True)
         pl_lengths = grad.square().sum(dim=2).mean(dim=1).sqrt()
         with torch.no_grad():
-            self.pl_mean.copy_(self.pl_mean.lerp(pl_lengths.mean(), self.pl_decay))
+            # a: the long-running exponential moving average of the lengths (the paper's
+            # definition). The running sum starts at 0, so it is divided by the weight it has
+            # accumulated (1 - (1 - decay)^n, as Adam's bias correction); otherwise a would start
+            # near 0 and, for the first ~1/decay regularisation steps, pull every path length
+            # towards 0 instead of towards their mean.
+            self.pl_ema.copy_(self.pl_ema.lerp(pl_lengths.mean(), self.pl_decay))
+            self.pl_weight_sum.copy_(self.pl_weight_sum.lerp(torch.ones_like(self.pl_weight_sum), self.pl_decay))
+            self.pl_mean.copy_(self.pl_ema / self.pl_weight_sum)
         pl_penalty = (pl_lengths - self.pl_mean).square()
         loss = pl_penalty.mean() * self.pl_weight * self.pl_interval
         loss = loss + gen_img[:, 0, 0, 0].sum() * 0  # every G parameter gets a grad (DDP)
@@ -248,7 +257,17 @@ class StyleGAN2Loss:
     # -- persistence ----------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"pl_mean": self.pl_mean.detach().clone()}
+        return {
+            "pl_mean": self.pl_mean.detach().clone(),
+            "pl_ema": self.pl_ema.detach().clone(),
+            "pl_weight_sum": self.pl_weight_sum.detach().clone(),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.pl_mean.copy_(torch.as_tensor(state["pl_mean"]))
+        if "pl_ema" in state:
+            self.pl_ema.copy_(torch.as_tensor(state["pl_ema"]))
+            self.pl_weight_sum.copy_(torch.as_tensor(state["pl_weight_sum"]))
+        else:  # a snapshot from before the correction: continue from its mean, fully weighted
+            self.pl_ema.copy_(self.pl_mean)
+            self.pl_weight_sum.fill_(1.0)

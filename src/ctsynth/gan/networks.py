@@ -1,8 +1,7 @@
-"""StyleGAN2 generator and residual discriminator (config "F" of Karras et al. 2020).
+"""StyleGAN2 generator and discriminator (config "F" of Karras et al. 2020; D also "orig" / "skip").
 
 Written from the papers ("Analyzing and Improving the Image Quality of
-StyleGAN", "Training Generative Adversarial Networks with Limited Data") and
-``STYLEGAN2_ADA.md``. The file reads top to bottom: building blocks, then the
+StyleGAN", "Training Generative Adversarial Networks with Limited Data"). The file reads top to bottom: building blocks, then the
 generator (mapping -> synthesis), then the discriminator.
 
 Conventions that hold everywhere:
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ctsynth.gan.ops import ACTIVATIONS, bias_act, setup_filter, upfirdn2d, upsample2d
+from ctsynth.gan.presets import D_ARCHITECTURES
+from ctsynth.gan.ops import ACTIVATIONS, bias_act, downsample2d, setup_filter, upfirdn2d, upsample2d
 
 __all__ = [
     "normalize_2nd_moment",
@@ -44,6 +44,7 @@ __all__ = [
     "MinibatchStdLayer",
     "DiscriminatorEpilogue",
     "Discriminator",
+    "D_ARCHITECTURES",
     "channels_at",
     "bf16_supported",
 ]
@@ -641,31 +642,34 @@ class Generator(nn.Module):
         mixing_prob: float,
         update_emas: bool = False,
     ) -> torch.Tensor:
-        """Style-mixing regularisation: ws where, for each sample with probability
-        ``mixing_prob``, a second latent takes over from a random layer onwards.
+        """Style-mixing regularisation: with probability ``mixing_prob`` a second latent takes over
+        from one crossover layer onwards (uniform in ``1 .. num_ws - 1``).
 
-        Drawn per sample (crossover layer uniform in ``1 .. num_ws - 1``), so
-        the network cannot rely on adjacent styles being correlated.
+        Both draws are made once per minibatch, as in the StyleGAN2 setup: the whole minibatch is
+        mixed or not, at the same layer, so the network cannot rely on adjacent styles being
+        correlated. The draws stay on the device (no synchronisation).
         """
         ws = self.mapping(z, c, update_emas=update_emas)
         if mixing_prob <= 0:
             return ws
-        batch = z.shape[0]
-        crossover = torch.randint(1, self.num_ws, (batch,), device=z.device)
-        mixed = torch.rand(batch, device=z.device) < mixing_prob
-        crossover = torch.where(mixed, crossover, torch.full_like(crossover, self.num_ws))
+        crossover = torch.randint(1, self.num_ws, (), device=z.device)
+        crossover = torch.where(torch.rand((), device=z.device) < mixing_prob, crossover, self.num_ws)
         ws2 = self.mapping(torch.randn_like(z), c, update_emas=False)
-        take_second = torch.arange(self.num_ws, device=z.device).unsqueeze(0) >= crossover.unsqueeze(1)
-        return torch.where(take_second.unsqueeze(2), ws2, ws)
+        take_second = torch.arange(self.num_ws, device=z.device) >= crossover
+        return torch.where(take_second.reshape(1, -1, 1), ws2, ws)
 
 
 # ---------------------------------------------------------------------------
-# Discriminator (residual)
+# Discriminator (resnet, orig or skip)
 # ---------------------------------------------------------------------------
 
 
 class DiscriminatorBlock(nn.Module):
-    """Residual block: conv3x3 -> conv3x3 (down x2), plus 1x1 (down x2) skip; sum * sqrt(1/2)."""
+    """conv3x3 -> conv3x3 (down x2); ``resnet`` adds a 1x1 (down x2) skip and scales the sum by sqrt(1/2).
+
+    ``orig`` and ``skip`` have no residual branch (``skip`` feeds the image in through fromRGB at
+    every resolution instead, see ``Discriminator``).
+    """
 
     def __init__(
         self,
@@ -674,6 +678,7 @@ class DiscriminatorBlock(nn.Module):
         out_channels: int,
         resample_filter: Sequence[int] = DEFAULT_RESAMPLE_FILTER,
         conv_clamp: float | None = None,
+        architecture: str = "resnet",
     ) -> None:
         super().__init__()
         self.conv0 = Conv2dLayer(in_channels, tmp_channels, 3, activation="lrelu", conv_clamp=conv_clamp)
@@ -681,13 +686,18 @@ class DiscriminatorBlock(nn.Module):
             tmp_channels, out_channels, 3, activation="lrelu", down=2,
             resample_filter=resample_filter, conv_clamp=conv_clamp,
         )
-        self.skip = Conv2dLayer(in_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
+        self.skip = (
+            Conv2dLayer(in_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
+            if architecture == "resnet" else None
+        )
         # Set by Discriminator: bfloat16 features where supported, channels-last layout.
         self.use_bf16 = False
         self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(dtype=block_dtype(self.use_bf16, x.device), memory_format=memory_format(self.channels_last))
+        if self.skip is None:
+            return self.conv1(self.conv0(x))
         # The sqrt(1/2) gains keep the sum's variance equal to its parts'.
         y = self.skip(x, gain=SQRT_HALF)
         x = self.conv1(self.conv0(x), gain=SQRT_HALF)
@@ -758,7 +768,12 @@ class DiscriminatorEpilogue(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Residual StyleGAN2 discriminator; returns one logit per image (``N x 1``).
+    """StyleGAN2 discriminator; returns one logit per image (``N x 1``).
+
+    ``architecture`` (StyleGAN2 paper, figure 7): ``resnet`` (config F, the default) has a
+    residual 1x1 branch in every block; ``orig`` is the plain chain fromRGB -> blocks (the ADA
+    paper's CIFAR-10 setting); ``skip`` downsamples the image alongside the features and adds
+    fromRGB of it at the input of every lower resolution (and of the 4x4 head).
 
     ``c_dim = 0`` means unconditional. Conditional: the label goes through a
     small mapping network (``label_map_layers`` FC layers, lr_mul 0.01) to
@@ -780,9 +795,13 @@ class Discriminator(nn.Module):
         resample_filter: Sequence[int] = DEFAULT_RESAMPLE_FILTER,
         num_bf16_res: int = 0,
         channels_last: bool = False,
+        architecture: str = "resnet",
     ) -> None:
         super().__init__()
+        if architecture not in D_ARCHITECTURES:
+            raise ValueError(f"unknown discriminator architecture {architecture!r}; expected one of {D_ARCHITECTURES}")
         log2 = _check_resolution(img_resolution)
+        self.architecture = architecture
         self.c_dim = c_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.block_resolutions = [2**i for i in range(log2, 2, -1)]
@@ -797,9 +816,15 @@ class Discriminator(nn.Module):
         for res in self.block_resolutions:
             self.blocks[f"b{res}"] = DiscriminatorBlock(
                 self.channels[res], self.channels[res], self.channels[res // 2],
-                resample_filter=resample_filter, conv_clamp=conv_clamp,
+                resample_filter=resample_filter, conv_clamp=conv_clamp, architecture=architecture,
             )
             self.blocks[f"b{res}"].resolution_in = res
+        # skip: fromRGB of the downsampled image at every resolution below the top one.
+        self.skip_fromrgb = nn.ModuleDict({
+            f"b{res}": Conv2dLayer(img_channels, self.channels[res], 1, activation="lrelu", conv_clamp=conv_clamp)
+            for res in self.block_resolutions[1:] + [4]
+        }) if architecture == "skip" else None
+        self.register_buffer("resample_filter", setup_filter(resample_filter), persistent=False)
         self.mapping = (
             MappingNetwork(0, c_dim, cmap_dim, num_ws=None, num_layers=label_map_layers, w_avg_beta=None)
             if c_dim > 0 else None
@@ -817,8 +842,14 @@ class Discriminator(nn.Module):
             dtype = block_dtype(first.use_bf16, img.device)
             img = img.to(dtype=dtype, memory_format=memory_format(first.channels_last))
         x = self.fromrgb(img)
-        for block in self.blocks.values():
+        for name, block in self.blocks.items():
+            if self.skip_fromrgb is not None and name in self.skip_fromrgb:
+                x = x + self.skip_fromrgb[name](img.to(dtype=block_dtype(block.use_bf16, img.device)))
             x = block(x)
+            if self.skip_fromrgb is not None:
+                img = downsample2d(img.float(), self.resample_filter)
+        if self.skip_fromrgb is not None:
+            x = x.float() + self.skip_fromrgb["b4"](img.float())
         cmap = self.mapping(None, c) if self.mapping is not None else None
         return self.epilogue(x.to(dtype=torch.float32, memory_format=torch.contiguous_format), cmap)
 

@@ -1,4 +1,4 @@
-"""StyleGAN2-ADA configuration presets (the table in ``STYLEGAN2_ADA.md``).
+"""StyleGAN2-ADA configuration presets (``docs/gan.md`` has the table).
 
 ``make_config(preset, resolution, gpus, **overrides)`` returns a ``GANConfig``
 whose field names are the knobs a reader of the paper expects. Presets:
@@ -6,10 +6,10 @@ whose field names are the knobs a reader of the paper expects. Presets:
 * ``auto``: the ADA paper's size-dependent defaults.
 * ``stylegan2``: StyleGAN2 config F (the reference study's choice).
 * ``paper256``: the ADA paper's 256x256 setting.
-* ``cifar``: the ADA paper's CIFAR-10 setting (no style mixing; the paper also
-  turns path-length regularisation off there, so ``pl_weight = 0``).
+* ``cifar``: the ADA paper's CIFAR-10 setting (no style mixing, no path-length
+  regularisation, a discriminator without residual connections: ``orig``).
 * ``cpu64``: ours -- small enough to train on CPU for the embedded default data.
-* ``bench64``: issue 6's speed benchmark (``benchmarks/gan_throughput.py``).
+* ``bench64``: the fixed configuration of the speed benchmark (``benchmarks/gan_throughput.py``).
 * ``tiny``: for tests (seconds on CPU).
 """
 
@@ -20,7 +20,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GANConfig", "PRESETS", "make_config"]
+__all__ = ["D_ARCHITECTURES", "GANConfig", "PRESETS", "make_config"]
+
+# The discriminator architectures of networks.Discriminator (listed here so that importing the
+# presets stays cheap: no torch).
+D_ARCHITECTURES = ("resnet", "orig", "skip")
 
 
 @dataclass
@@ -62,6 +66,7 @@ class GANConfig:
     fixed_p: float | None = None  # None: adaptive p; else a constant p
     mirror: bool = False  # dataset x-flips: each real image also shown mirrored (the ADA paper's small-set default)
     conv_clamp: float | None = 256.0
+    d_architecture: str = "resnet"  # resnet (config F) | orig (no residual; ADA's CIFAR) | skip
     # Speed only (same maths up to rounding; may change between resumes): the top N resolutions
     # of G and D in bfloat16 where the hardware supports it (0: all float32, the reference), and
     # channels-last (NHWC) feature maps.
@@ -79,6 +84,8 @@ class GANConfig:
             raise ValueError(f"batch ({self.batch}) and mbstd ({self.mbstd}) must be >= 1")
         if self.num_bf16_res < 0:
             raise ValueError(f"num_bf16_res must be >= 0, got {self.num_bf16_res}")
+        if self.d_architecture not in D_ARCHITECTURES:
+            raise ValueError(f"d_architecture must be one of {D_ARCHITECTURES}, got {self.d_architecture!r}")
         if self.fixed_p is not None and not 0 <= self.fixed_p <= 1:
             raise ValueError(f"fixed_p must be in [0, 1] or None, got {self.fixed_p}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -133,13 +140,13 @@ def _cifar(resolution: int, gpus: int) -> dict[str, Any]:
     return {
         "batch": 64, "mbstd": 32, "channel_base": 32768, "channel_max": 512, "map_layers": 2,
         "lr": 0.0025, "gamma": 0.01, "ema_kimg": 500.0, "ema_rampup": 0.05,
-        "style_mixing_prob": 0.0, "pl_weight": 0.0,
+        "style_mixing_prob": 0.0, "pl_weight": 0.0, "d_architecture": "orig",
     }
 
 
 def _cpu64(resolution: int, gpus: int) -> dict[str, Any]:
     # The embedded default on 2 CPU cores: ~20 kimg in ~10 minutes must give chest slices. Chosen by
-    # benchmarks/gan_convergence.py (README "GAN" has the runs): channels 128 at 4-8 px down to 16
+    # benchmarks/gan_convergence.py (docs/gan.md has the runs): channels 128 at 4-8 px down to 16
     # at 64 px (~3x cheaper per image than channel_base 2048, the same quality per kimg); no path
     # length or style mixing, as the ADA paper's CIFAR setting (cheaper steps; at this length they
     # made no visible difference); ADA's p allowed to move 5x faster than the paper's 500 kimg,
@@ -156,7 +163,7 @@ def _cpu64(resolution: int, gpus: int) -> dict[str, Any]:
 
 
 def _bench64(resolution: int, gpus: int) -> dict[str, Any]:
-    # Issue 6's speed benchmark (its own fixed configuration), conditional on 2 classes, ADA "bgc" at a fixed
+    # The speed benchmark's own fixed configuration: conditional on 2 classes, ADA "bgc" at a fixed
     # p = 0.2 so every minibatch does the same augmentation work, full lazy schedule.
     batch = 16
     return {

@@ -49,7 +49,7 @@ def bias_act(
     The fused kernel on CUDA when it builds (one pass forward, one backward), else the reference.
     On the CPU the reference is the default: PyTorch's own vectorised elementwise ops made a
     cpu64 training step ~20 % faster than our C++ kernel (2-core AVX-512 VM, 2026-11-26;
-    README "GAN training speed"). ``CTSYNTH_FUSED_OPS=1`` uses the kernel on the CPU too.
+    docs/gan.md, "The fused bias_act"). ``CTSYNTH_FUSED_OPS=1`` uses the kernel on the CPU too.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")

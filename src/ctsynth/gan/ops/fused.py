@@ -7,6 +7,8 @@ CI job compiles once. Everything here degrades to the pure-PyTorch reference:
 * ``CTSYNTH_FUSED_OPS=0`` turns the fused path off (``=1`` uses it on the CPU too, where it is
   measured slower than the reference and off by default, and makes a failed build an error);
 * a missing compiler or a failed build logs one warning and falls back;
+* a build without CUDA kernels (no ``nvcc``) on a GPU machine: CUDA tensors use the reference,
+  with one warning;
 * the build folder is ``CTSYNTH_EXT_DIR`` or ``~/.cache/ctsynth/torch_extensions/<torch version>``.
 
 Autograd: the backward of ``y = f(x + b)`` needs only ``y`` (see ``bias_act.cpp``), and it is
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fused_ops_enabled", "load_extension", "fused_bias_act", "extension_status", "build_dir"]
+__all__ = ["fused_ops_enabled", "load_extension", "fused_bias_act", "extension_status", "build_dir", "kernel_runs_on"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ _ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
 _SOURCES = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _extension: Any = None
+_extension_devices: frozenset[str] = frozenset()  # device types the loaded build has kernels for
+_warned_devices: set[str] = set()
 _status: str = "not loaded"
 
 
@@ -67,7 +71,7 @@ def extension_status() -> str:
 
 def load_extension() -> Any | None:
     """The compiled module, or ``None`` (disabled, no compiler, or the build failed)."""
-    global _extension, _status
+    global _extension, _extension_devices, _status
     if not fused_ops_enabled():
         _status = "disabled by CTSYNTH_FUSED_OPS=0"
         return None
@@ -91,6 +95,7 @@ def load_extension() -> Any | None:
                 extra_cuda_cflags=["-O3", "--use_fast_math"] if cuda else None,
                 verbose=False,
             )
+            _extension_devices = frozenset({"cpu", "cuda"} if cuda else {"cpu"})
             _status = f"fused bias_act loaded ({'cpu+cuda' if cuda else 'cpu'}) from {folder}"
             log.info(_status)
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
@@ -99,6 +104,24 @@ def load_extension() -> Any | None:
                 raise
             log.warning(_status)
     return _extension
+
+
+def kernel_runs_on(device_type: str) -> bool:
+    """Whether the loaded build has a kernel for ``device_type``.
+
+    A machine with a GPU, a C++ compiler and ninja but no CUDA toolkit (``nvcc``) builds a
+    CPU-only extension; its CUDA tensors then go to the reference ops (one warning), instead of
+    reaching a kernel that does not exist.
+    """
+    if device_type in _extension_devices:
+        return True
+    if device_type not in _warned_devices:
+        _warned_devices.add(device_type)
+        log.warning(
+            "the fused bias_act was built without %s kernels (%s; no CUDA toolkit / nvcc at build time?): "
+            "using the reference ops for %s tensors", device_type, _status, device_type,
+        )
+    return False
 
 
 class _BiasActGrad(torch.autograd.Function):
@@ -152,6 +175,8 @@ def fused_bias_act(
     if act not in _ACT_CODES or gain <= 0 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     if x.device.type not in ("cpu", "cuda") or load_extension() is None:
+        return None
+    if not kernel_runs_on(x.device.type):
         return None
     dim = dim % x.ndim
     if b is not None:
