@@ -87,9 +87,11 @@ def build_oracle(params: Params, root: Path, workers: int = 2) -> Path:
     rows = []
     for c in classes:
         real_c = [item for item in real_train if item.label == c]
-        k = int(round(params.sweep.oracle_holdout_fraction * len(real_c)))
-        if counts[c] > k:
-            raise ValueError(f"the largest ratio needs {counts[c]} oracle '{c}' images but the holdout has {k}; raise sweep.oracle_holdout_fraction")
+        k = synthetic_count(params.sweep.oracle_holdout_fraction, len(real_c))
+        # the arms then train on the n - k images left, so the largest ratio needs ratio x (n - k)
+        needed = oracle_counts(params, {c: len(real_c) - k})[c]
+        if needed > k:
+            raise ValueError(f"the largest ratio needs {needed} oracle '{c}' images but the holdout has {k}; raise sweep.oracle_holdout_fraction")
         order = np.random.default_rng(class_seed(params.sweep.oracle_seed, c, "oracle-holdout")).permutation(len(real_c))[:k]
         (out / "train" / c).mkdir(parents=True, exist_ok=True)
         for i in sorted(order):
