@@ -93,6 +93,11 @@ def test_select_compares_arms_writes_verdicts_and_ignores_stale_files(study, cap
     assert {"study/comparisons.csv", "study/verdicts.txt"} <= artifacts
     for plot in ("plots/ratio_vs_metric.png", "plots/class_signal.png"):
         assert (root / plot).stat().st_size > 10_000
+    from ctsynth.report import study_summary_text
+
+    text = study_summary_text(params, root)
+    assert "Verdicts" in text and all(v in text for v in study_record["verdicts"]) and "Champion: arm" in text
+    assert "synthetic_only  1" in text and "GAN-test" in text
     # a missing item of the matrix is an error that names it
     (root / "metrics/sweep/oracle_r0.5_s1.json").rename(root / "moved.json")
     with pytest.raises(FileNotFoundError, match="oracle_r0.5_s1"):
