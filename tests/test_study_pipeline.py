@@ -57,7 +57,7 @@ def test_item_files_are_flat_metrics_plus_details_and_children_carry_arm_ratio_s
     flat = json.loads(out.metrics_path.read_text())
     assert all(isinstance(v, (int, float)) or v is None for v in flat.values())  # no strings, no nesting
     assert flat["n_train"] == 24 + 12 and flat["seed"] == 1
-    assert flat["test_balanced_accuracy_low"] <= flat["test_balanced_accuracy"] <= flat["test_balanced_accuracy_high"]
+    assert flat["test_ci_low"] <= flat["test_balanced_accuracy"] <= flat["test_ci_high"]
     details = json.loads((root / "metrics/sweep/details/classic_r0.5_s1.json").read_text())
     assert details["arm"] == "classic" and details["train_counts"]["normal"] == {"real": 12, "synthetic": 0, "classic": 6}
     assert len(details["test_predictions"]["labels"]) == 12
@@ -103,3 +103,25 @@ def test_select_compares_arms_writes_verdicts_and_ignores_stale_files(study, cap
     with pytest.raises(FileNotFoundError, match="oracle_r0.5_s1"):
         run_select(params, root)
     (root / "moved.json").rename(root / "metrics/sweep/oracle_r0.5_s1.json")
+
+
+def test_dvc_metrics_show_reads_one_item_and_the_summary_within_200_columns(study, tmp_path):
+    """Real DVC on copies of the metrics files: each declared metrics file prints narrowly."""
+    import subprocess
+
+    root, params, _, _ = study
+    if not (root / "metrics/summary.json").is_file():
+        from ctsynth.classifier.selection import run_select
+
+        run_select(params, root)
+    repo = tmp_path / "repo"
+    (repo / "metrics/sweep").mkdir(parents=True)
+    shutil.copy(root / "metrics/summary.json", repo / "metrics/summary.json")
+    shutil.copy(root / "metrics/sweep/synthetic_only_r1.0_s1.json", repo / "metrics/sweep/synthetic_only_r1.0_s1.json")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/summary.json\n  - metrics/sweep/synthetic_only_r1.0_s1.json\n")
+    for path in ("metrics/summary.json", "metrics/sweep/synthetic_only_r1.0_s1.json"):
+        shown = subprocess.run(["dvc", "metrics", "show", path], cwd=repo, check=True, capture_output=True, text=True).stdout
+        lines = [line for line in shown.splitlines() if line.strip()]
+        assert len(lines) == 2 and max(map(len, lines)) <= 200, shown  # one header row, one value row
