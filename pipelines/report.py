@@ -27,7 +27,7 @@ def main() -> None:
     root = repo_root()
     out = write_report(params, root, root / Path(args.out))
     inputs = ReportInputs.from_params(params, root)
-    log_report_to_parent_run(out, inputs.sweep_summary, inputs.sweep_table, root)
+    log_report_to_parent_run(out, inputs.study, inputs.sweep_table, root)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """DVC stage `select`: python pipelines/select_champion.py (not select.py: that name would shadow the stdlib `select` module for every script in pipelines/)
 
-Reads every metrics/sweep/r*_s*.json, writes reports/sweep.csv, metrics/summary.json (mean +- 95 %
-CI per ratio and metric, paired differences against ratio 0) and plots/ratio_vs_metric.{png,csv};
-picks the champion by VALIDATION metric, exports models/classifier/model.onnx (fails when
-onnxruntime and PyTorch disagree by more than select.parity_tolerance on the validation images) and
-registers it as ctsynth-classifier@champion in the MLflow Model Registry.
+Reads the items of the current sweep matrix (metrics/sweep/<item>.json + details/; any other file is
+ignored with a warning), writes reports/sweep.csv, reports/study.json (per arm and ratio: mean and
+two-level bootstrap CI; the paired comparisons with Holm-corrected p, MDE and a verdict; GAN-test;
+train-synthetic-test-real), metrics/summary.json (a dozen flat numbers for `dvc metrics`) and the
+arms and class-signal plots; picks the champion by VALIDATION metric over every arm, exports
+models/classifier/model.onnx (fails when onnxruntime and PyTorch disagree by more than
+select.parity_tolerance on the validation images), registers it as a new version of
+ctsynth-classifier, and moves @champion only when it beats the current champion on the same
+validation images (select.promote: better | always). docs/study.md explains the statistics.
 """
 
 import argparse

@@ -33,8 +33,8 @@ def test_each_item_writes_metrics_and_weights_and_is_a_child_of_one_parent(sweep
     from mlflow import MlflowClient
 
     root, _, outputs = sweep
-    assert {o.metrics_path.name for o in outputs.values()} == {"r0.0_s0.json", "r0.0_s1.json", "r0.5_s0.json", "r0.5_s1.json"}
-    record = json.loads(outputs[(0.5, 1)].metrics_path.read_text())
+    assert {o.metrics_path.name for o in outputs.values()} == {"real_r0.0_s0.json", "real_r0.0_s1.json", "synthetic_r0.5_s0.json", "synthetic_r0.5_s1.json"}
+    record = json.loads((root / "metrics/sweep/details/synthetic_r0.5_s1.json").read_text())
     assert record["train_counts"] == {"normal": {"real": 12, "synthetic": 6}, "squamous": {"real": 12, "synthetic": 6}}
     assert record["test"]["n"] == 10 and record["valid"]["n"] == 8
     assert 1 <= record["best_epoch"] <= record["epochs_run"] == len(record["history"])
@@ -52,7 +52,7 @@ def test_each_item_writes_metrics_and_weights_and_is_a_child_of_one_parent(sweep
     assert [m.step for m in curve] == list(range(1, record["epochs_run"] + 1))
     assert child.data.metrics["test_accuracy"] == pytest.approx(record["test"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-    assert {"confusion_matrix_test.png", "model", "r0.5_s1.json"} <= artifacts
+    assert {"confusion_matrix_test.png", "model", "synthetic_r0.5_s1.json", "details"} <= artifacts
 
 
 def test_select_writes_statistics_exports_onnx_and_registers_the_champion(sweep):
@@ -63,18 +63,18 @@ def test_select_writes_statistics_exports_onnx_and_registers_the_champion(sweep)
     from ctsynth.export import read_onnx_info
 
     root, params, outputs = sweep
-    summary = run_select(params, root)
+    study = run_select(params.model_copy(update={"sweep": params.sweep.model_copy(update={"arms": ["synthetic"]}),
+                                                 "select": params.select.model_copy(update={"bootstrap": 200})}), root)
     table = pd.read_csv(root / "reports/sweep.csv")
     assert len(table) == 4  # no run dropped
-    written = json.loads((root / "metrics/summary.json").read_text())
-    assert written["ratios"]["0.5"]["test_accuracy"]["n"] == 2
-    assert written["ratios"]["0.5"]["test_accuracy_minus_baseline"]["seeds"] == [0, 1]
+    assert study["arms"]["synthetic_r0.5"]["test_accuracy"]["n"] == 2
     expected_mean = table[table.ratio == 0.5]["test_accuracy"].mean()
-    assert written["ratios"]["0.5"]["test_accuracy"]["mean"] == pytest.approx(expected_mean, abs=1e-6)
+    assert study["arms"]["synthetic_r0.5"]["test_accuracy"]["mean"] == pytest.approx(expected_mean, abs=1e-6)
+    assert [c["other"] for c in study["comparisons"]] == ["real"]
     assert (root / "plots/ratio_vs_metric.png").stat().st_size > 10_000
-    champion = summary["champion"]
-    best_valid = table.groupby("ratio")["valid_balanced_accuracy"].mean().max()
-    assert table.groupby("ratio")["valid_balanced_accuracy"].mean()[champion["ratio"]] == pytest.approx(best_valid)
+    champion = study["champion"]
+    best_valid = table.groupby(["arm", "ratio"])["valid_balanced_accuracy"].mean().max()
+    assert table.groupby(["arm", "ratio"])["valid_balanced_accuracy"].mean()[(champion["arm"], champion["ratio"])] == pytest.approx(best_valid)
     assert champion["onnx"]["parity_max_abs_logit_diff"] <= 1e-4
     assert read_onnx_info(root / "models/classifier/model.onnx").classes == CLASSES
     version = MlflowClient().get_model_version_by_alias("ctsynth-classifier", "champion")

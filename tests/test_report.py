@@ -16,6 +16,7 @@ from ctsynth.report import (
     render_report,
     roc_points,
     study_summary_text,
+    signal_text,
     sweep_section,
     validation_section,
 )
@@ -65,18 +66,27 @@ def test_validation_section_names_failures_and_escapes():
     assert "&lt;a&gt;.png" in html and "<a>.png" not in html
 
 
-def test_sweep_section_has_every_ratio_and_the_paired_differences():
-    stat = {"mean": 0.7, "low": 0.6, "high": 0.8, "n": 2}
-    summary = {"confidence": 0.95, "baseline_ratio": 0.0, "n_runs": 4, "ratios": {
-        "0": {"n_seeds": 2, **{f"test_{m}": stat for m in ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")}},
-        "0.5": {"n_seeds": 2, "test_accuracy": {"mean": 0.75, "low": 0.7, "high": 0.8},
-                "test_accuracy_minus_baseline": {"mean": 0.05, "low": -0.02, "high": 0.12, "p_value": 0.2}},
-    }}
-    html = sweep_section(summary, b"\x89PNG fake")
-    assert "0.050 [-0.020, 0.120] (p 0.200)" in html
-    assert "<td>0.5</td>" in html and "<td>0</td>" in html
+def _study():
+    ci = {"estimate": 0.7, "low": 0.6, "high": 0.8}
+    arm = lambda name, ratio: {"arm": name, "ratio": ratio, "n_train": 303, "seeds": [0, 1], "balanced_accuracy": ci,  # noqa: E731
+                               "test_accuracy": {"mean": 0.7, "low": 0.6, "high": 0.8}, "test_roc_auc": {"mean": 0.8, "low": 0.7, "high": 0.9}}
+    comparison = {"arm": "synthetic", "other": "duplicate", "ratio": 0.5, "difference": 0.012, "low": -0.03, "high": 0.05,
+                  "p_value": 0.3, "p_holm": 0.61, "mde": 0.07, "significant": False}
+    return {"metric": "balanced_accuracy", "confidence": 0.95, "alpha": 0.05, "power": 0.8, "n_items": 6, "n_test": 144,
+            "arms": {"real_r0.0": arm("real", 0.0), "synthetic_r0.5": arm("synthetic", 0.5)}, "comparisons": [comparison],
+            "verdicts": ["synthetic 50% vs duplicate 50%: +0.012 balanced accuracy [-0.030, +0.050], p 0.61 after Holm correction: not significant"],
+            "gan_test": {"n_images": 400, "balanced_accuracy": {"estimate": 0.9, "low": 0.85, "high": 0.95}},
+            "train_synthetic_test_real": {"synthetic_only": ci, "real": ci}}
+
+
+def test_sweep_section_has_every_arm_the_comparisons_and_the_verdicts():
+    html = sweep_section(_study(), b"\x89PNG fake")
+    assert "<td>synthetic</td><td>0.5</td><td>303</td>" in html and "<td>real</td><td>0</td>" in html
+    assert "+0.012 [-0.030, +0.050]" in html and "<td>0.610</td>" in html
+    assert "not significant" in html and "Holm over 1" in html
     embedded = re.search(r"base64,([A-Za-z0-9+/=]+)", html).group(1)
     assert base64.b64decode(embedded) == b"\x89PNG fake"
+    assert "GAN-test" in signal_text(_study()) and "0.900 [0.850, 0.950]" in signal_text(_study())
 
 
 def test_missing_stage_outputs_are_named(tmp_path):

@@ -124,10 +124,20 @@ class ClassifierParams(Section):
 
 
 class SweepParams(Section):
-    """The synthetic-ratio sweep: dvc.yaml's `train_classifier` matrix reads these lists."""
+    """The study's sweep: every arm x ratio x seed is one item (docs/study.md)."""
 
-    ratios: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ratios: list[float] = [0.0, 0.5, 1.0]
     seeds: list[int] = [0, 1, 2, 3, 4]
+    # synthetic | duplicate | classic | oracle (at every ratio > 0) | synthetic_only (ratio 1 only);
+    # ratio 0 is one real-only baseline shared by all arms.
+    arms: list[str] = ["synthetic", "duplicate", "classic", "oracle", "synthetic_only"]
+    classic_augmentation: list[str] = ["rotate", "scale", "intensity", "elastic"]  # + hflip
+    # oracle: new genuine images. phantom: drawn from the phantom simulator with oracle_seed (the
+    # embedded data only); holdout: a held-out oracle_holdout_fraction of the real train split.
+    oracle: str = "data/oracle"
+    oracle_source: Literal["phantom", "holdout"] = "phantom"
+    oracle_seed: int = 1
+    oracle_holdout_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     synthetic: str = "data/synthetic"
     metrics_dir: str = "metrics/sweep"
     runs_dir: str = "models/classifier/runs"
@@ -138,20 +148,39 @@ class SweepParams(Section):
             raise ValueError(f"sweep.ratios must be a non-empty list of numbers >= 0, got {self.ratios}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"sweep.seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        known = ("synthetic", "duplicate", "classic", "oracle", "synthetic_only")
+        if not self.arms or any(a not in known for a in self.arms) or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"sweep.arms must be distinct names out of {list(known)}, got {self.arms}")
+        ops = ("hflip", "rotate", "scale", "intensity", "elastic")
+        if any(op not in ops for op in self.classic_augmentation):
+            raise ValueError(f"sweep.classic_augmentation must name ops out of {list(ops)}, got {self.classic_augmentation}")
         return self
 
 
 class SelectParams(Section):
     """`select` stage: statistics over the sweep, champion choice (on VALIDATION), export, registry."""
 
-    metric: str = "balanced_accuracy"  # validation metric that picks the ratio (mean over seeds) and the run
+    metric: str = "balanced_accuracy"  # validation metric that picks the (arm, ratio) (mean over seeds) and the run
     tie_breaker: str = "roc_auc"
     baseline_ratio: float = 0.0
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    # The study's statistics (docs/study.md): the test metric the arms are compared on, bootstrap
+    # replicates (over seeds and test images), the family-wise error rate (Holm) and the power the
+    # minimum detectable effect is stated for.
+    compare_metric: str = "balanced_accuracy"
+    bootstrap: int = Field(2000, ge=100)
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)
+    power: float = Field(0.8, gt=0.5, lt=1.0)
+    bootstrap_seed: int = 0
+    # better: @champion moves only when the candidate beats the current champion on the same
+    # validation images; always: every select moves it (the reason is recorded either way).
+    promote: Literal["better", "always"] = "better"
     report: str = "reports/sweep.csv"
     summary: str = "metrics/summary.json"
     plot: str = "plots/ratio_vs_metric.png"
     plot_data: str = "plots/ratio_vs_metric.csv"
+    signal_plot: str = "plots/class_signal.png"  # GAN-test and train-synthetic-test-real
+    details: str = "reports/study.json"  # everything summary.json (flat DVC metrics) leaves out
     onnx: str = "models/classifier/model.onnx"
     parity_tolerance: float = Field(1e-4, gt=0)
     register_champion: bool = True
@@ -159,7 +188,7 @@ class SelectParams(Section):
     @model_validator(mode="after")
     def _known_metrics(self) -> "SelectParams":
         allowed = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
-        for field in ("metric", "tie_breaker"):
+        for field in ("metric", "tie_breaker", "compare_metric"):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"select.{field}={getattr(self, field)!r} is not one of {list(allowed)}")
         return self

@@ -86,8 +86,11 @@ def register_champion(
     name: str = tracking.REGISTERED_MODEL,
     alias: str = tracking.CHAMPION_ALIAS,
     root: Path | None = None,
+    move_alias: bool = True,
+    description: str | None = None,
 ) -> str:
-    """Register `onnx_path` as a new version of `name`, point `alias` at it; return the version.
+    """Register `onnx_path` as a new version of `name`, point `alias` at it (unless move_alias is
+    False: see promote_if_better); return the version. `description` goes on the version.
 
     Logs into run `run_id` if given, else into the active run, else into a new run
     "register-champion" in the classifier experiment. `input_example` is a small batch of
@@ -170,13 +173,16 @@ def register_champion(
         client.set_model_version_tag(name, version, "run_id", run.info.run_id)
         for key, value in (tags or {}).items():
             client.set_model_version_tag(name, version, key, str(value))
-        client.set_registered_model_alias(name, alias, version)
+        if description:
+            client.update_model_version(name, version, description=description)
+        if move_alias:
+            client.set_registered_model_alias(name, alias, version)
         log.info(
-            "registered %s version %s (run %s) and pointed alias @%s at it in %s",
+            "registered %s version %s (run %s)%s in %s",
             name,
             version,
             run.info.run_id,
-            alias,
+            f" and pointed alias @{alias} at it" if move_alias else f"; @{alias} stays where it was",
             tracking.tracking_uri(root),
         )
     return version
@@ -201,6 +207,71 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Whether a new candidate becomes @champion, why (the version's description), and the numbers
+    behind it (version tags)."""
+
+    promote: bool
+    reason: str
+    tags: dict[str, str]
+
+
+def _onnx_metric(onnx_bytes_or_path, inputs: np.ndarray, labels: np.ndarray, classes: list[str], metric: str) -> float:
+    from ctsynth.classifier.evaluate import classification_metrics
+
+    session = cpu_session(onnx_bytes_or_path)
+    logits = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: inputs[i : i + 64]})[0] for i in range(0, len(inputs), 64)])
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return float(classification_metrics(labels, shifted / shifted.sum(axis=1, keepdims=True), classes)[metric])
+
+
+def promote_if_better(
+    candidate_onnx: Path | str,
+    valid_inputs: np.ndarray,
+    valid_labels: np.ndarray,
+    classes: list[str],
+    metric: str,
+    policy: str = "better",
+    name: str = tracking.REGISTERED_MODEL,
+    alias: str = tracking.CHAMPION_ALIAS,
+    root: Path | None = None,
+) -> Promotion:
+    """Decide whether `candidate_onnx` should take `name@alias`: both models are scored with
+    `metric` on the SAME validation images (these inputs), and the candidate must be strictly
+    better. policy "always" promotes regardless (the comparison is still recorded). A current
+    champion for other classes or another resolution cannot be scored on these images: it is
+    kept (policy "better") and the reason says so."""
+    import hashlib
+
+    if policy not in ("better", "always"):
+        raise ValueError(f"promotion policy must be 'better' or 'always', got {policy!r}")
+    digest = hashlib.sha256(np.ascontiguousarray(valid_inputs, dtype=np.float32).tobytes() + np.asarray(valid_labels, np.int64).tobytes()).hexdigest()[:16]
+    candidate = _onnx_metric(candidate_onnx, valid_inputs, valid_labels, classes, metric)
+    tags = {"promotion_policy": policy, "promotion_metric": f"valid_{metric}", "candidate_valid_metric": f"{candidate:.6f}",
+            "valid_data_sha256": digest}
+    try:
+        current = champion_version(name, alias, root)
+    except ChampionNotFoundError:
+        return Promotion(True, f"first champion: no @{alias} before (valid {metric} {candidate:.4f} on {len(valid_labels)} images, data {digest})", tags)
+    current_model = load_champion(name, alias, root)
+    tags["previous_champion_version"] = str(current.version)
+    if list(current_model.classes) != list(classes) or current_model.resolution != valid_inputs.shape[-1]:
+        reason = (f"@{alias} v{current.version} is for classes {current_model.classes} at {current_model.resolution} px, so it cannot be "
+                  f"scored on these validation images")
+        if policy == "always":
+            return Promotion(True, f"promoted (select.promote: always): {reason}", tags)
+        return Promotion(False, f"not promoted: {reason}; set select.promote: always to replace it", tags)
+    incumbent = _onnx_metric(current_model.onnx_bytes, valid_inputs, valid_labels, classes, metric)
+    tags["champion_valid_metric"] = f"{incumbent:.6f}"
+    comparison = f"valid {metric} {candidate:.4f} vs @{alias} v{current.version} {incumbent:.4f} on the same {len(valid_labels)} images (data {digest})"
+    if candidate > incumbent:
+        return Promotion(True, f"promoted: better, {comparison}", tags)
+    if policy == "always":
+        return Promotion(True, f"promoted (select.promote: always) although not better: {comparison}", tags)
+    return Promotion(False, f"not promoted: not better, {comparison}", tags)
 
 
 def champion_version(

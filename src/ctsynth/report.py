@@ -45,6 +45,8 @@ class ReportInputs:
     sweep_summary: Path
     sweep_table: Path
     ratio_plot: Path
+    study: Path  # select's details: per arm, comparisons, verdicts, GAN-test, champion
+    signal_plot: Path
     onnx_model: Path
     prepared: Path
 
@@ -62,6 +64,8 @@ class ReportInputs:
             sweep_summary=under(params.select.summary),
             sweep_table=under(params.select.report),
             ratio_plot=under(params.select.plot),
+            study=under(params.select.details),
+            signal_plot=under(params.select.signal_plot),
             onnx_model=under(params.select.onnx),
             prepared=under(params.data.prepared),
         )
@@ -69,7 +73,8 @@ class ReportInputs:
     def required(self) -> list[Path]:
         gan = [self.gan_report / name for name, _ in GAN_FIGURES]
         return [self.validation_summary, *gan, self.synthetic_metrics, self.nearest_neighbours,
-                self.sweep_summary, self.sweep_table, self.ratio_plot, self.onnx_model, self.prepared / "manifest.csv"]
+                self.sweep_summary, self.sweep_table, self.ratio_plot, self.study, self.signal_plot, self.onnx_model,
+                self.prepared / "manifest.csv"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,34 +268,81 @@ def synthetic_section(metrics: dict, nearest_png: bytes) -> str:
     )
 
 
-def sweep_section(summary: dict, plot_png: bytes) -> str:
-    baseline = summary.get("baseline_ratio", 0.0)
-    confidence = summary.get("confidence", 0.95)
-    ratio_rows, diff_rows = [], []
-    for ratio, entry in summary.get("ratios", {}).items():
-        ratio_rows.append([_e(ratio), _e(entry.get("n_seeds", "")), *[_interval(entry.get(f"test_{m}")) for m in TABLE_METRICS]])
-        if any(f"test_{m}_minus_baseline" in entry for m in TABLE_METRICS):
-            diff_rows.append([_e(ratio), *[_interval(entry.get(f"test_{m}_minus_baseline")) for m in TABLE_METRICS]])
-    header = [m.replace("_", " ") for m in TABLE_METRICS]
+def _ci(stat: dict | None, digits: int = 3, signed: bool = False) -> str:
+    """'estimate [low, high]' from a stats.BootstrapCI / Comparison dict."""
+    if not stat:
+        return "n/a"
+    value = stat.get("estimate", stat.get("difference"))
+    if value is None:
+        return "n/a"
+    fmt = (lambda v: "n/a" if v is None else f"{v:+.{digits}f}") if signed else (lambda v: _number(v, digits))
+    return f"{fmt(value)} [{fmt(stat.get('low'))}, {fmt(stat.get('high'))}]"
+
+
+def arm_rows(study: dict) -> list[list[str]]:
+    """arm, ratio, training images, seeds, compare metric mean [two-level CI], test accuracy and
+    ROC AUC mean [t-interval over seeds] (plain strings; HTML and terminal share them)."""
+    metric = study["metric"]
+    rows = []
+    for entry in study["arms"].values():
+        rows.append([entry["arm"], f"{entry['ratio']:g}", str(entry["n_train"]), str(len(entry["seeds"])), _ci(entry[metric]),
+                     _interval(entry.get("test_accuracy")), _interval(entry.get("test_roc_auc"))])
+    return rows
+
+
+ARM_HEADER = ["arm", "ratio", "train images", "seeds", "{metric} [CI]", "test accuracy", "test ROC AUC"]
+
+
+def sweep_section(study: dict, plot_png: bytes) -> str:
+    """The arms figure and table, the comparisons (paired two-level bootstrap, Holm) and verdicts."""
+    metric = study["metric"]
+    confidence = study["confidence"]
+    header = [h.format(metric=metric.replace("_", " ")) for h in ARM_HEADER]
+    comparison_rows = [[_e(c["arm"]), _e("real (ratio 0)" if c["other"] == "real" else c["other"]), _e(f"{c['ratio']:g}"),
+                        _ci(c, signed=True), _number(c["p_value"]), _number(c["p_holm"]), _number(c["mde"]),
+                        '<span class="ok">yes</span>' if c["significant"] else "no"] for c in study["comparisons"]]
+    verdicts = "".join(f"<li>{_e(v)}</li>" for v in study["verdicts"])
     return (
-        f"<p>{_e(summary.get('n_runs', ''))} classifier runs. Real test split; mean [{confidence:.0%} confidence interval] over seeds.</p>"
-        + _figure(plot_png, "Test metrics vs. synthetic ratio: every seed as a dot, mean ± CI as error bars")
-        + _table(["synthetic ratio", "seeds", *header], ratio_rows, "numbers")
-        + f"<h3>Paired differences against ratio {_e(f'{baseline:g}')} (same seeds; mean [CI] (paired t-test p))</h3>"
-        + (_table(["synthetic ratio", *header], diff_rows, "numbers") if diff_rows else "<p>Only the baseline ratio was run.</p>")
+        f"<p>{_e(study['n_items'])} classifier runs (arm x ratio x seed) on the real test split of {_e(study['n_test'])} images. "
+        f"{_e(metric.replace('_', ' '))}: mean over seeds [{confidence:.0%} CI of a bootstrap over seeds and test images]; "
+        "accuracy and AUC: mean [t-interval over seeds].</p>"
+        + _figure(plot_png, f"Test {metric.replace('_', ' ')} vs ratio, one line per arm (ratio 0 = the shared real baseline); dots: seeds")
+        + _table(header, [[_e(cell) for cell in row] for row in arm_rows(study)], "numbers")
+        + f"<h3>Comparisons (paired by seed and test image; Holm over {_e(len(study['comparisons']))}; "
+          f"MDE at {_e(format(study['power'], '.0%'))} power)</h3>"
+        + (_table(["arm", "vs", "ratio", "difference [CI]", "p", "p (Holm)", "MDE", f"significant at {study['alpha']:g}"], comparison_rows, "numbers")
+           if comparison_rows else "<p>No comparison: the matrix has no pair of arms at one ratio.</p>")
+        + f"<h3>Verdicts</h3><ul>{verdicts}</ul>"
     )
 
 
-def champion_section(summary: dict, evaluation: ChampionEvaluation, onnx_model: Path) -> str:
-    champion = summary.get("champion", {})
+def signal_text(study: dict) -> str:
+    """GAN-test and train-synthetic-test-real in words (beside the synthetic quality metrics)."""
+    metric = study["metric"]
+    parts = []
+    gan = study.get("gan_test")
+    if gan:
+        parts.append(f"GAN-test (the real-only classifiers on {gan['n_images']} synthetic images labelled with their conditioning class): "
+                     f"{metric.replace('_', ' ')} {_ci(gan[metric])}.")
+    tstr = study.get("train_synthetic_test_real")
+    if tstr:
+        parts.append(f"Train-synthetic-test-real (trained on synthetic images only, tested on the real test split): {_ci(tstr['synthetic_only'])}"
+                     f" vs {_ci(tstr.get('real'))} when trained on the real images.")
+    return " ".join(parts) or "No GAN-test or synthetic-only items in this study."
+
+
+def champion_section(study: dict, evaluation: ChampionEvaluation, onnx_model: Path) -> str:
+    champion = study.get("champion", {})
     registered = champion.get("registered") or {}
     parity = champion.get("onnx", {})
     facts = [
         ["chosen by", _e(champion.get("chosen_by", ""))],
-        ["synthetic ratio", _e(champion.get("ratio", ""))],
+        ["arm", _e(champion.get("arm", ""))],
+        ["ratio", _e(champion.get("ratio", ""))],
         ["seed", _e(champion.get("seed", ""))],
         ["MLflow run", _e(champion.get("run_id", ""))],
-        ["registered model", _e(f"{registered.get('name')} version {registered.get('version')} @{registered.get('alias')}") if registered else "not registered"],
+        ["registered model", _e(f"{registered.get('name')} version {registered.get('version')}") if registered else "not registered"],
+        ["@champion", _e(registered.get("reason", "")) if registered else "n/a"],
         ["ONNX file", _e(onnx_model.name)],
         ["ONNX vs PyTorch max |Δ logit|", _number(parity.get("parity_max_abs_logit_diff"), 7)],
     ]
@@ -330,16 +382,18 @@ def render_report(params: Params, root: Path, inputs: ReportInputs | None = None
         raise FileNotFoundError(f"the report needs these stage outputs, missing: {missing} (run `dvc repro` first)")
     validation = json.loads(inputs.validation_summary.read_text())
     synthetic = json.loads(inputs.synthetic_metrics.read_text())
-    sweep = json.loads(inputs.sweep_summary.read_text())
+    study = json.loads(inputs.study.read_text())
     evaluation = evaluation or evaluate_onnx_on_split(inputs.onnx_model, inputs.prepared, "test", params.data.classes)
     gan = "".join(_figure((inputs.gan_report / name).read_bytes(), caption) for name, caption in GAN_FIGURES)
     sections = [
         ("Data validation", validation_section(validation)),
         ("GAN training", f"<p>Preset <code>{_e(params.gan.preset)}</code>, {_e(params.gan.kimg)} kimg, "
                          f"{'one model per class' if params.gan.per_class else 'one class-conditional model'}.</p>" + gan),
-        ("Synthetic-data quality and memorisation", synthetic_section(synthetic, inputs.nearest_neighbours.read_bytes())),
-        ("Synthetic ratio sweep", sweep_section(sweep, inputs.ratio_plot.read_bytes())),
-        ("Champion classifier", champion_section(sweep, evaluation, inputs.onnx_model)),
+        ("Synthetic-data quality and memorisation", synthetic_section(synthetic, inputs.nearest_neighbours.read_bytes())
+         + "<h3>Do the synthetic images carry the class signal?</h3>" + f"<p>{_e(signal_text(study))}</p>"
+         + _figure(inputs.signal_plot.read_bytes(), "Real baseline, GAN-test and train-synthetic-test-real with CIs", "560px")),
+        ("The study: arms x ratios x seeds", sweep_section(study, inputs.ratio_plot.read_bytes())),
+        ("Champion classifier", champion_section(study, evaluation, inputs.onnx_model)),
     ]
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "".join(f'<h2 id="s{i}">{_e(title)}</h2>{content}' for i, (title, content) in enumerate(sections))
@@ -372,13 +426,13 @@ def sweep_parent_run_id(sweep_table: Path, champion_run_id: str | None) -> str |
     return str(parents.iloc[0]) if len(parents) else None
 
 
-def log_report_to_parent_run(report: Path, sweep_summary: Path, sweep_table: Path, root: Path) -> str | None:
+def log_report_to_parent_run(report: Path, study: Path, sweep_table: Path, root: Path) -> str | None:
     """Attach the HTML to the sweep's parent run (artifact path report/); returns the run id."""
     from mlflow import MlflowClient
 
     from ctsynth import tracking
 
-    champion = json.loads(sweep_summary.read_text()).get("champion", {})
+    champion = json.loads(study.read_text()).get("champion", {})
     parent = sweep_parent_run_id(sweep_table, champion.get("run_id"))
     if not parent:
         log.warning("no sweep parent run in %s: the report is not logged to MLflow", sweep_table)
@@ -394,35 +448,29 @@ def log_report_to_parent_run(report: Path, sweep_summary: Path, sweep_table: Pat
 
 
 def study_summary_text(params: Params, root: Path, report: Path | None = None) -> str:
-    """The ratio table with CIs, the champion, and the commands to look further (plain text)."""
+    """The per-arm table with CIs, the verdicts, the champion, and where to look further (plain text)."""
     from ctsynth import tracking
 
     inputs = ReportInputs.from_params(params, root)
-    if not inputs.sweep_summary.exists():
-        raise FileNotFoundError(f"{inputs.sweep_summary} does not exist: run `dvc repro` (or `make demo`) first")
-    summary = json.loads(inputs.sweep_summary.read_text())
-    confidence = summary.get("confidence", 0.95)
-    metrics = ("accuracy", "balanced_accuracy", "roc_auc")
-    header = ["ratio", "seeds", *[f"test {m.replace('_', ' ')}" for m in metrics]]
-    rows = [[ratio, str(entry.get("n_seeds", "")), *[_interval(entry.get(f"test_{m}")) for m in metrics]]
-            for ratio, entry in summary.get("ratios", {}).items()]
+    for path in (inputs.sweep_summary, inputs.study):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run `dvc repro` (or `make demo`) first")
+    study = json.loads(inputs.study.read_text())
+    header = [h.format(metric=study["metric"].replace("_", " ")) for h in ARM_HEADER]
+    rows = arm_rows(study)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     table = "\n".join("  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
-
-    lines = [f"Synthetic-ratio sweep ({summary.get('n_runs', '?')} runs): mean [{confidence:.0%} CI] on the real test split", table]
-    baseline = summary.get("baseline_ratio", 0.0)
-    diffs = [(ratio, entry.get(f"test_{params.select.metric}_minus_baseline")) for ratio, entry in summary.get("ratios", {}).items()]
-    diffs = [(r, d) for r, d in diffs if d]
-    if diffs:
-        lines.append(f"Paired difference in test {params.select.metric.replace('_', ' ')} against ratio {baseline:g}:")
-        lines += [f"  ratio {r}: {_interval(d)}" for r, d in diffs]
-    champion = summary.get("champion", {})
+    lines = [f"The study ({study['n_items']} runs, {study['n_test']} real test images): mean [{study['confidence']:.0%} CI]", table,
+             f"Verdicts (paired by seed and test image, Holm over {len(study['comparisons'])} comparisons, alpha {study['alpha']:g}):"]
+    lines += [f"  {v}" for v in study["verdicts"]] or ["  none: no pair of arms at one ratio"]
+    lines.append(f"  {signal_text(study)}")
+    champion = study.get("champion", {})
     registered = champion.get("registered") or {}
-    where = (f"{registered.get('name')}@{registered.get('alias')} (version {registered.get('version')})" if registered
+    where = (f"{registered.get('name')} version {registered.get('version')}: {registered.get('reason')}" if registered
              else f"{params.select.onnx} (not registered)")
     test = champion.get("test", {})
     lines += [
-        f"Champion: ratio {champion.get('ratio')}, seed {champion.get('seed')}, chosen by {champion.get('chosen_by', '?')}",
+        f"Champion: arm {champion.get('arm')}, ratio {champion.get('ratio')}, seed {champion.get('seed')}, chosen by {champion.get('chosen_by', '?')}",
         f"  test accuracy {_number(test.get('accuracy'))}, balanced accuracy {_number(test.get('balanced_accuracy'))}, "
         f"ROC AUC {_number(test.get('roc_auc'))}",
         f"  registered as {where}; ONNX file {params.select.onnx}",

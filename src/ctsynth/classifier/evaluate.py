@@ -9,7 +9,9 @@ A metric that is undefined on the split (e.g. AUC with one class present) is NaN
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -96,3 +98,97 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], title: st
         axes.text(col, row, str(value), ha="center", va="center", color="white" if value > data.max() / 2 else "black")
     figure.tight_layout()
     return figure
+
+
+# ------------------------------------------------------------------------------------------------
+# One sweep item's result files. The declared DVC metrics file holds flat numbers only (what is
+# worth comparing across experiments: `dvc metrics show` stays one readable row); everything else
+# (arm name, history, counts, per-test-image predictions for the study's bootstrap) goes to a
+# details JSON next to it that `select` reads.
+
+DETAILS_DIR = "details"
+# ~11 columns: `dvc metrics show` prints one item's file within ~200 terminal columns
+FLAT_METRICS = (("test", "balanced_accuracy"), ("test", "roc_auc"), ("valid", "balanced_accuracy"))
+FLAT_KEYS: tuple[str, ...] = ()  # details hold best_epoch, epochs_run, history
+
+
+def item_files(metrics_dir: Path, name: str) -> tuple[Path, Path]:
+    """(metrics file, details file) of the sweep item `name`: metrics/sweep/<name>.json and
+    metrics/sweep/details/<name>.json."""
+    metrics_dir = Path(metrics_dir)
+    return metrics_dir / f"{name}.json", metrics_dir / DETAILS_DIR / f"{name}.json"
+
+
+def predictions_record(labels, probabilities) -> dict:
+    """Per-test-image labels and class probabilities (6 decimals: arg-max and AUC unchanged)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape[0] != len(labels):
+        raise ValueError(f"{len(labels)} labels but {probabilities.shape[0]} rows of probabilities")
+    return {"labels": labels.tolist(), "probabilities": np.round(probabilities, 6).tolist()}
+
+
+def flat_item_metrics(record: dict, classes: list[str], confidence: float = 0.95, replicates: int = 2000) -> dict:
+    """The few numbers of one item worth comparing: ratio, seed, test balanced accuracy with its
+    bootstrap CI over test images (test_ci_low/high), test ROC AUC, validation balanced accuracy,
+    training-set size."""
+    from ctsynth.classifier.stats import item_bootstrap
+
+    flat: dict = {"ratio": float(record["ratio"]), "seed": int(record["seed"])}
+    for split, metric in FLAT_METRICS:
+        value = record[split].get(metric)
+        flat[f"{split}_{metric}"] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    predictions = record.get("test_predictions")
+    if predictions:
+        ci = item_bootstrap("balanced_accuracy", predictions["labels"], predictions["probabilities"], classes, replicates, confidence)
+        # the bootstrap CI over test images of test_balanced_accuracy (short keys: dvc metrics show's width)
+        flat["test_ci_low"], flat["test_ci_high"] = _finite(ci.low), _finite(ci.high)
+    flat["n_train"] = int(sum(sum(per_source.values()) for per_source in record.get("train_counts", {}).values()))
+    for key in FLAT_KEYS:
+        if record.get(key) is not None:
+            flat[key] = int(record[key])
+    return flat
+
+
+def _finite(value: float):
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def write_item_result(metrics_dir: Path, name: str, record: dict, classes: list[str]) -> tuple[Path, Path]:
+    """Write the item's flat metrics file and its details file; returns both paths.
+
+    `record`: what the item measured (arm, ratio, seed, valid, test, history, train_counts, ...)
+    with `test_predictions` = predictions_record(...). NaN is written as null (JSON has no NaN).
+    """
+    metrics_path, details_path = item_files(metrics_dir, name)
+    details_path.parent.mkdir(parents=True, exist_ok=True)
+    details_path.write_text(json.dumps(_json_safe({**record, "name": name}), indent=1) + "\n")
+    metrics_path.write_text(json.dumps(flat_item_metrics(record, classes), indent=2) + "\n")
+    return metrics_path, details_path
+
+
+def read_item_details(metrics_dir: Path, name: str) -> dict:
+    """The details record of item `name` (clear errors for a missing or foreign file)."""
+    _, details_path = item_files(metrics_dir, name)
+    if not details_path.is_file():
+        raise FileNotFoundError(f"sweep item {name}: {details_path} does not exist; run the train_classifier stage")
+    try:
+        record = json.loads(details_path.read_text())
+        record["ratio"], record["seed"], record["valid"], record["test"]  # noqa: B018 (schema check)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{details_path} is not a train_classifier details file ({exc!r})") from exc
+    return record
+
+
+def _json_safe(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    return value

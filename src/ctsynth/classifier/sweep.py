@@ -23,16 +23,40 @@ from pathlib import Path
 import torch
 
 from ctsynth import tracking
-from ctsynth.classifier.evaluate import METRIC_NAMES, plot_confusion_matrix
+from ctsynth.classifier.evaluate import METRIC_NAMES, item_files, plot_confusion_matrix, predictions_record, write_item_result
 from ctsynth.classifier.train import TrainResult, train_classifier
 from ctsynth.config import Params
-from ctsynth.data.mixing import count_by_class_and_source, mix_training_set, real_split, synthetic_pool
+from ctsynth.data.mixing import count_by_class_and_source, load_arm_data, real_split, training_set
 
 log = logging.getLogger(__name__)
 
 STAGE = "train_classifier"
 PARENT_ROLE_TAG = "sweep_role"
 SWEEP_ID_TAG = "sweep_id"
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    """One item of the study: an arm at a ratio with a seed (ratio 0: the shared `real` baseline)."""
+
+    arm: str
+    ratio: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}_r{ratio_label(self.ratio)}_s{self.seed}"
+
+
+def sweep_items(params: Params) -> list[SweepItem]:
+    """Every item of the current matrix: real_r0.0 per seed, each arm at each ratio > 0 per seed,
+    synthetic_only at ratio 1.0 per seed."""
+    sweep = params.sweep
+    items = [SweepItem("real", 0.0, seed) for seed in sweep.seeds if 0.0 in sweep.ratios]
+    for arm in sweep.arms:
+        ratios = [1.0] if arm == "synthetic_only" else [float(r) for r in sweep.ratios if r > 0]
+        items += [SweepItem(arm, ratio, seed) for ratio in ratios for seed in sweep.seeds]
+    return items
 
 
 def item_name(ratio_label: str, seed: int) -> str:
@@ -120,32 +144,33 @@ class SweepItemOutputs:
     parent_run_id: str
 
 
-def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: str | None = None, progress: bool = True) -> SweepItemOutputs:
-    """Mix, train, evaluate and log one (ratio, seed); write metrics/sweep/r{ratio}_s{seed}.json."""
+def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: str | None = None, progress: bool = True,
+                   arm: str | None = None) -> SweepItemOutputs:
+    """Build the arm's training set, train, evaluate and log one (arm, ratio, seed); write
+    metrics/sweep/<name>.json (flat metrics) and metrics/sweep/details/<name>.json."""
     label = label or ratio_label(ratio)
-    name = item_name(label, seed)
+    arm = arm or ("real" if ratio == 0 else "synthetic")
+    name = SweepItem(arm, ratio, seed).name
     classes = params.data.classes
     prepared_dir = _under(root, params.data.prepared)
     synthetic_dir = _under(root, params.sweep.synthetic)
-    real_train = real_split(prepared_dir, "train", classes)
     valid_items = real_split(prepared_dir, "valid", classes)
     test_items = real_split(prepared_dir, "test", classes)
-    needs_synthetic = ratio > 0
-    pool = synthetic_pool(synthetic_dir, classes) if needs_synthetic else {}
-    train_items = mix_training_set(real_train, pool, ratio, seed, classes)
+    real_train, pools = load_arm_data(arm, prepared_dir, synthetic_dir, _under(root, params.sweep.oracle), classes)
+    train_items = training_set(arm, real_train, pools, ratio, seed, classes, params.sweep.classic_augmentation)
     counts = count_by_class_and_source(train_items)
 
     sweep = sweep_id(params, data_fingerprint(prepared_dir, synthetic_dir if (synthetic_dir / "manifest.csv").exists() else None))
     parent_run_id = find_or_create_parent_run(sweep, params, root)
     stage = os.environ.get("DVC_STAGE", STAGE)
-    metrics_path = _under(root, params.sweep.metrics_dir) / f"{name}.json"
+    metrics_path, details_path = item_files(_under(root, params.sweep.metrics_dir), name)
     state_path = _under(root, params.sweep.runs_dir) / f"{name}.pt"
-    tags = {"ratio": label, "seed": seed, "stage": stage, SWEEP_ID_TAG: sweep}
+    tags = {"arm": arm, "ratio": label, "seed": seed, "stage": stage, SWEEP_ID_TAG: sweep}
 
     with tracking.start_run(tracking.EXPERIMENT_CLASSIFIER, name, tags=tags, parent_run_id=parent_run_id, root=root) as run:
         import mlflow
 
-        mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "ratio": label, "seed": seed,
+        mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "arm": arm, "ratio": label, "seed": seed,
                            "n_train": len(train_items), "n_valid": len(valid_items), "n_test": len(test_items),
                            "train_counts": json.dumps(counts)})
         result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, seed, progress=progress)
@@ -164,9 +189,10 @@ def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: s
         torch.save(result.model.state_dict(), state_path)
         mlflow.log_artifact(str(state_path), artifact_path="model")
         record = _item_record(result, params, label, ratio, seed, counts, state_path, root, run.info.run_id, parent_run_id, sweep)
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+        record.update(arm=arm, test_predictions=predictions_record(result.test_labels, result.test_probabilities))
+        write_item_result(metrics_path.parent, name, record, classes)
         mlflow.log_artifact(str(metrics_path))
+        mlflow.log_artifact(str(details_path), artifact_path="details")
     return SweepItemOutputs(metrics_path, state_path, run.info.run_id, parent_run_id)
 
 

@@ -53,6 +53,10 @@ class TrainResult:
     n_parameters: int = 0
     n_trainable: int = 0
     seconds: float = 0.0
+    # per-image predictions of the chosen weights (rows in the order of the items given), for the
+    # study's bootstrap over test images
+    test_probabilities: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
 
 
 def build_classifier(params: ClassifierParams, n_classes: int, structure_only: bool = False) -> Classifier:
@@ -217,6 +221,8 @@ def train_classifier(
         n_parameters=n_parameters,
         n_trainable=n_trainable,
         seconds=time.perf_counter() - started,
+        test_probabilities=test_probabilities.numpy(),
+        test_labels=test_labels.numpy(),
     )
     log.info(
         "seed %d: best epoch %d of %d, valid balanced accuracy %.3f, test accuracy %.3f, AUC %.3f (%.1f s)",
