@@ -120,17 +120,33 @@ class ClassifierParams(Section):
         return self
 
 
-class SweepParams(Section):
-    """The synthetic-ratio sweep: dvc.yaml's `train_classifier` matrix reads these lists."""
+class SweepRayParams(Section):
+    """Resources of one sweep item as a Ray task (sweep.executor: ray)."""
 
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class SweepParams(Section):
+    """The sweep: arms x ratios x seeds, run by dvc.yaml's `train_classifier` stage through an executor."""
+
+    arms: list[str] = ["synthetic"]
     ratios: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     seeds: list[int] = [0, 1, 2, 3, 4]
     synthetic: str = "data/synthetic"
     metrics_dir: str = "metrics/sweep"
     runs_dir: str = "models/classifier/runs"
+    # local: a pool of worker processes on this machine; ray: one Ray task per item on $RAY_ADDRESS.
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(0, ge=0)  # local: processes; 0 = the usable CPU cores // threads_per_item
+    threads_per_item: int = Field(1, ge=1)  # local: torch threads in each worker
+    retries: int = Field(1, ge=0)  # a failed item (or one whose worker died) runs again this often
+    ray: SweepRayParams = SweepRayParams()
 
     @model_validator(mode="after")
     def _sane_lists(self) -> "SweepParams":
+        if not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"sweep.arms must be a non-empty list of distinct names, got {self.arms}")
         if not self.ratios or any(r < 0 for r in self.ratios):
             raise ValueError(f"sweep.ratios must be a non-empty list of numbers >= 0, got {self.ratios}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

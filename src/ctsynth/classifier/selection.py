@@ -26,9 +26,9 @@ SPLITS = ("test", "valid")
 
 
 def load_sweep_records(metrics_dir: Path) -> list[dict]:
-    files = sorted(Path(metrics_dir).glob("r*_s*.json"))
+    files = sorted(Path(metrics_dir).glob("*_r*_s*.json"))
     if not files:
-        raise FileNotFoundError(f"no sweep results (r*_s*.json) in {metrics_dir}; run the train_classifier stage first")
+        raise FileNotFoundError(f"no sweep results (<arm>_r<ratio>_s<seed>.json) in {metrics_dir}; run the train_classifier stage first")
     records = []
     for path in files:
         try:

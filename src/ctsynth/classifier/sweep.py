@@ -1,11 +1,15 @@
-"""One item of the synthetic-ratio sweep, tracked in MLflow under one parent run per sweep.
+"""One item of the sweep, tracked in MLflow under one parent run per sweep.
 
-Each (ratio, seed) is a separate process (a DVC `matrix:` stage item), so the parent run cannot be
-handed down in memory. It is found by tag instead: sweep_id = sha256 of the classifier params and
-the content of every image the sweep may read (prepared + synthetic manifests and files). The first
-item to run creates the parent, later ones find it; a file lock serialises find-or-create between
-items running at the same time on one machine. Changing the params or the data makes a new sweep
-id, hence a new parent; adding a seed or a ratio to the matrix does not.
+An item is one (arm, ratio, seed): a classifier trained on the arm's training set and measured on
+the real test split. `ctsynth.classifier.executor` runs many items (in worker processes or as Ray
+tasks); this module does one, and names what identifies it:
+
+- sweep_id = sha256 of the classifier params and the content of every image the sweep may read
+  (prepared + synthetic manifests and files). The parent MLflow run carries it as a tag, so items
+  run in other processes or on other machines find the same parent. Changing the params or the
+  data makes a new sweep id, hence a new parent; adding a seed, a ratio or an arm does not.
+- cache_key = sha256 of the sweep id, the item and the training code. An item's metrics file
+  records it; a later run reuses the item when the key is unchanged and both files are there.
 """
 
 from __future__ import annotations
@@ -33,16 +37,49 @@ log = logging.getLogger(__name__)
 STAGE = "train_classifier"
 PARENT_ROLE_TAG = "sweep_role"
 SWEEP_ID_TAG = "sweep_id"
+ITEM_TAG = "item"
+BASELINE_ARM = "real"  # ratio 0: real images only, the same for every arm
+SYNTHETIC_ONLY_ARM = "synthetic_only"  # trained on synthetic images only: one item per seed, ratio 1.0
 
-
-def item_name(ratio_label: str, seed: int) -> str:
-    """File and run name of a sweep item: r{ratio}_s{seed}, ratio written as in dvc.yaml's matrix."""
-    return f"r{ratio_label}_s{seed}"
+# The files whose content decides an item's result. Editing one of them invalidates every cached
+# item; editing the executor, the statistics or the report does not.
+TRAINING_CODE = (
+    "classifier/backbones.py", "classifier/evaluate.py", "classifier/features.py", "classifier/heads.py",
+    "classifier/precision.py", "classifier/train.py", "classifier/sweep.py", "data/mixing.py", "data/preprocess.py",
+)
 
 
 def ratio_label(ratio: float) -> str:
-    """How DVC templates a float from params.yaml (Python's str): 0.0, 0.25, 1.0."""
+    """A ratio as it appears in item names: Python's str of the float (0.0, 0.25, 1.0)."""
     return str(float(ratio))
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    """One classifier run of the sweep."""
+
+    arm: str
+    ratio: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """File and MLflow run name: {arm}_r{ratio}_s{seed}, e.g. synthetic_r0.5_s3, real_r0.0_s0."""
+        return f"{self.arm}_r{ratio_label(self.ratio)}_s{self.seed}"
+
+
+def sweep_items(params: Params) -> list[SweepItem]:
+    """Every item of the sweep: sweep.arms x sweep.ratios x sweep.seeds, where ratio 0 is one real-only
+    baseline per seed (whatever the arm) and `synthetic_only` runs once per seed at ratio 1.0."""
+    items: list[SweepItem] = []
+    for arm in params.sweep.arms:
+        ratios = [1.0] if arm == SYNTHETIC_ONLY_ARM else params.sweep.ratios
+        for ratio in ratios:
+            for seed in params.sweep.seeds:
+                item = SweepItem(BASELINE_ARM, 0.0, seed) if ratio == 0 else SweepItem(arm, float(ratio), seed)
+                if item not in items:
+                    items.append(item)
+    return items
 
 
 def data_fingerprint(prepared_dir: Path, synthetic_dir: Path | None) -> str:
@@ -63,6 +100,44 @@ def data_fingerprint(prepared_dir: Path, synthetic_dir: Path | None) -> str:
 def sweep_id(params: Params, data_hash: str) -> str:
     identity = {"classifier": params.classifier.model_dump(), "classes": params.data.classes, "data": data_hash}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sweep_data_fingerprint(params: Params, root: Path) -> str:
+    """data_fingerprint of the folders this sweep reads (synthetic only if it has a manifest)."""
+    synthetic_dir = _under(root, params.sweep.synthetic)
+    return data_fingerprint(_under(root, params.data.prepared), synthetic_dir if (synthetic_dir / "manifest.csv").exists() else None)
+
+
+def training_code_fingerprint() -> str:
+    """sha256 over the source of the modules that decide an item's result (TRAINING_CODE)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for relative in TRAINING_CODE:
+        digest.update(relative.encode())
+        digest.update((package / relative).read_bytes())
+    return digest.hexdigest()
+
+
+def item_cache_key(sweep: str, code: str, item: SweepItem) -> str:
+    identity = {"sweep_id": sweep, "code": code, "arm": item.arm, "ratio": float(item.ratio), "seed": item.seed}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def item_paths(params: Params, root: Path, item: SweepItem) -> tuple[Path, Path]:
+    """(metrics file, weights file) of an item: metrics/sweep/<name>.json, models/classifier/runs/<name>.pt."""
+    return _under(root, params.sweep.metrics_dir) / f"{item.name}.json", _under(root, params.sweep.runs_dir) / f"{item.name}.pt"
+
+
+def cached_result(params: Params, root: Path, item: SweepItem, cache_key: str) -> dict | None:
+    """The item's metrics record if it was written under `cache_key` and its weights are there."""
+    metrics_path, state_path = item_paths(params, root, item)
+    if not (metrics_path.is_file() and state_path.is_file()):
+        return None
+    try:
+        record = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or foreign file: the item runs again and overwrites it
+    return record if isinstance(record, dict) and record.get("cache_key") == cache_key else None
 
 
 @contextlib.contextmanager
@@ -120,35 +195,45 @@ class SweepItemOutputs:
     parent_run_id: str
 
 
-def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: str | None = None, progress: bool = True) -> SweepItemOutputs:
-    """Mix, train, evaluate and log one (ratio, seed); write metrics/sweep/r{ratio}_s{seed}.json."""
-    label = label or ratio_label(ratio)
-    name = item_name(label, seed)
+def run_sweep_item(
+    params: Params,
+    item: SweepItem,
+    root: Path,
+    progress: bool = True,
+    parent_run_id: str | None = None,
+    sweep: str | None = None,
+    cache_key: str | None = None,
+) -> SweepItemOutputs:
+    """Build the item's training set, train, evaluate and log one MLflow child run; write
+    metrics/sweep/<name>.json (last, so a file there means a finished item) and runs/<name>.pt.
+
+    `sweep`, `parent_run_id` and `cache_key` are computed here unless the executor passes them
+    (it computes them once per sweep instead of once per item)."""
+    name = item.name
+    label = ratio_label(item.ratio)
     classes = params.data.classes
     prepared_dir = _under(root, params.data.prepared)
     synthetic_dir = _under(root, params.sweep.synthetic)
     real_train = real_split(prepared_dir, "train", classes)
     valid_items = real_split(prepared_dir, "valid", classes)
     test_items = real_split(prepared_dir, "test", classes)
-    needs_synthetic = ratio > 0
-    pool = synthetic_pool(synthetic_dir, classes) if needs_synthetic else {}
-    train_items = mix_training_set(real_train, pool, ratio, seed, classes)
+    train_items = _training_set(item, real_train, synthetic_dir, classes)
     counts = count_by_class_and_source(train_items)
 
-    sweep = sweep_id(params, data_fingerprint(prepared_dir, synthetic_dir if (synthetic_dir / "manifest.csv").exists() else None))
-    parent_run_id = find_or_create_parent_run(sweep, params, root)
+    sweep = sweep or sweep_id(params, sweep_data_fingerprint(params, root))
+    parent_run_id = parent_run_id or find_or_create_parent_run(sweep, params, root)
+    cache_key = cache_key or item_cache_key(sweep, training_code_fingerprint(), item)
     stage = os.environ.get("DVC_STAGE", STAGE)
-    metrics_path = _under(root, params.sweep.metrics_dir) / f"{name}.json"
-    state_path = _under(root, params.sweep.runs_dir) / f"{name}.pt"
-    tags = {"ratio": label, "seed": seed, "stage": stage, SWEEP_ID_TAG: sweep}
+    metrics_path, state_path = item_paths(params, root, item)
+    tags = {"arm": item.arm, "ratio": label, "seed": item.seed, "stage": stage, SWEEP_ID_TAG: sweep, ITEM_TAG: name}
 
     with tracking.start_run(tracking.EXPERIMENT_CLASSIFIER, name, tags=tags, parent_run_id=parent_run_id, root=root) as run:
         import mlflow
 
-        mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "ratio": label, "seed": seed,
+        mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "arm": item.arm, "ratio": label, "seed": item.seed,
                            "n_train": len(train_items), "n_valid": len(valid_items), "n_test": len(test_items),
                            "train_counts": json.dumps(counts)})
-        result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, seed, progress=progress)
+        result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, item.seed, progress=progress)
         for record in result.history:
             # curve/... so the per-epoch series never mix with the final valid_/test_ values
             mlflow.log_metrics({f"curve/{k}": v for k, v in record.items() if k != "epoch" and not math.isnan(v)}, step=record["epoch"])
@@ -163,18 +248,35 @@ def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: s
         state_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(result.model.state_dict(), state_path)
         mlflow.log_artifact(str(state_path), artifact_path="model")
-        record = _item_record(result, params, label, ratio, seed, counts, state_path, root, run.info.run_id, parent_run_id, sweep)
+        record = _item_record(result, params, item, counts, state_path, root, run.info.run_id, parent_run_id, sweep, cache_key)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+        _write_atomically(metrics_path, json.dumps(_jsonable(record), indent=2) + "\n")
         mlflow.log_artifact(str(metrics_path))
     return SweepItemOutputs(metrics_path, state_path, run.info.run_id, parent_run_id)
 
 
-def _item_record(result: TrainResult, params: Params, label, ratio, seed, counts, state_path, root, run_id, parent_run_id, sweep) -> dict:
+def _training_set(item: SweepItem, real_train: list, synthetic_dir: Path, classes: list[str]) -> list:
+    """The item's training images: real + round(ratio x n_c) synthetic images per class."""
+    if item.arm not in (BASELINE_ARM, "synthetic"):
+        raise ValueError(f"sweep arm {item.arm!r} has no training set here yet (known: {BASELINE_ARM}, synthetic)")
+    pool = synthetic_pool(synthetic_dir, classes) if item.ratio > 0 else {}
+    return mix_training_set(real_train, pool, item.ratio, item.seed, classes)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file + rename: a reader (or a killed writer) never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _item_record(result: TrainResult, params: Params, item: SweepItem, counts, state_path, root, run_id, parent_run_id, sweep, cache_key) -> dict:
     return {
-        "ratio": float(ratio),
-        "ratio_label": label,
-        "seed": seed,
+        "name": item.name,
+        "arm": item.arm,
+        "ratio": float(item.ratio),
+        "ratio_label": ratio_label(item.ratio),
+        "seed": item.seed,
         "valid": result.valid,
         "test": result.test,
         "best_epoch": result.best_epoch,
@@ -188,6 +290,7 @@ def _item_record(result: TrainResult, params: Params, label, ratio, seed, counts
         "seconds": result.seconds,
         "state_dict": _relative(state_path, root),
         "mlflow": {"run_id": run_id, "parent_run_id": parent_run_id, "sweep_id": sweep, "experiment": tracking.EXPERIMENT_CLASSIFIER},
+        "cache_key": cache_key,
     }
 
 
