@@ -15,6 +15,8 @@ import yaml
 from _classifier_data import write_prepared, write_synthetic
 from test_executor import TINY
 
+from ctsynth.config import Params
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE = "train_classifier"
@@ -30,7 +32,8 @@ def write_params(repo: Path, seeds: list[int]) -> None:
     values = json.loads(json.dumps(TINY))
     values["classifier"]["feature_cache"] = ".cache/features"
     values["sweep"]["seeds"] = seeds
-    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    full = Params.model_validate(values).model_dump(mode="json", by_alias=True)  # every section, as a real params.yaml
+    (repo / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
 
 
 def test_dvc_repro_reuses_items_and_reruns_only_a_changed_seed(tmp_path):
@@ -38,15 +41,15 @@ def test_dvc_repro_reuses_items_and_reruns_only_a_changed_seed(tmp_path):
     repo.mkdir()
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {STAGE: stages[STAGE]}}, sort_keys=False))
-    for dep in stages[STAGE]["deps"]:
-        if not dep.startswith("data/"):
-            source = REPO / dep
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, repo / dep, **({"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {}))
+    # the code the stage runs: all of src/ (its deps are part of it) and the stage's script
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / "pipelines").mkdir()
+    shutil.copy2(REPO / "pipelines" / f"{STAGE}.py", repo / "pipelines")
     write_prepared(repo, {"train": (12, 12), "valid": (4, 4), "test": (5, 5)}, size=16)
     write_synthetic(repo, per_class=8, size=16)
     write_params(repo, seeds=[0, 1])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO / "src"),
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo / "src"),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", OMP_NUM_THREADS="1",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid")
     run(["git", "init", "-q"], repo, env)
