@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -75,7 +76,8 @@ class ItemTask:
 
 @dataclass
 class SweepRun:
-    """What run_sweep did: items reused from the cache, items run now, attempts per item run."""
+    """What run_sweep did: items reused from the cache, items run now, attempts per item (local executor;
+    Ray retries inside the cluster and does not report them)."""
 
     sweep: str
     parent_run_id: str
@@ -122,8 +124,6 @@ def remove_stale_items(params: Params, root: Path, items: list[SweepItem]) -> li
     """Delete the metrics + weights files of items that are no longer in the sweep (a seed or an arm
     was dropped), so that `select` reads only this sweep. Only files this stage wrote are touched:
     a metrics file carrying a cache key, and the weights file of the same name."""
-    import json
-
     current = {item.name for item in items}
     metrics_dir = Path(item_paths(params, root, items[0])[0]).parent
     removed = []
@@ -266,8 +266,9 @@ def run_locally(tasks: list[ItemTask], params: Params, outcome: SweepRun, progre
     return failures
 
 
-def mark_run_failed(task: ItemTask) -> None:
-    """A killed worker leaves its item's MLflow run RUNNING forever: mark it FAILED."""
+def mark_run_failed(task: ItemTask, keep_run_id: str | None = None) -> None:
+    """A killed worker leaves its item's MLflow run RUNNING forever: mark it FAILED (all of the
+    item's RUNNING runs under the parent, except `keep_run_id`, the attempt that finished)."""
     try:
         from mlflow import MlflowClient
 
@@ -277,7 +278,8 @@ def mark_run_failed(task: ItemTask) -> None:
         query = (f"tags.mlflow.parentRunId = '{task.parent_run_id}' and tags.{ITEM_TAG} = '{task.item.name}' "
                  "and attributes.status = 'RUNNING'")
         for run in client.search_runs([experiment_id], filter_string=query):
-            client.set_terminated(run.info.run_id, status="FAILED")
+            if run.info.run_id != keep_run_id:
+                client.set_terminated(run.info.run_id, status="FAILED")
     except Exception as exc:  # bookkeeping only: the retry matters more than the stale run's status
         log.warning("could not mark the MLflow run of %s as failed: %s", task.item.name, exc)
 
@@ -362,6 +364,9 @@ def run_on_ray(tasks: list[ItemTask], params: Params, root: Path, outcome: Sweep
                     temporary = target.with_name(f".{target.name}.tmp")
                     temporary.write_bytes(content)
                     os.replace(temporary, target)
+                record = json.loads(files[item_paths(params, Path("."), task.item)[0].as_posix()])
+                # Ray retried a task whose worker died without telling us: close that attempt's run
+                mark_run_failed(task, keep_run_id=record["mlflow"]["run_id"])
             bar.update(1)
         bar.close()
         log.info("ray executor: %d items in %.1f s", len(tasks), time.perf_counter() - started)
