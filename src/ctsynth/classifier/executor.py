@@ -300,9 +300,13 @@ def _ray_item(task: ItemTask, data: dict[str, bytes]) -> dict[str, bytes]:
     """A Ray task: write the data into a fresh folder, run the item there, return its two files."""
     import shutil
 
+    import torch
+
     from ctsynth.logs import setup_logging
 
     setup_logging()
+    # as many torch threads as CPUs Ray reserved for the task, so tasks sharing a node do not oversubscribe it
+    torch.set_num_threads(max(1, int(task.params.sweep.ray.num_cpus)))
     folder = Path(tempfile.mkdtemp(prefix=f"ctsynth-{task.item.name}-"))
     try:
         for relative, content in data.items():
