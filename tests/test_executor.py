@@ -159,3 +159,10 @@ def test_a_worker_killed_mid_item_is_replaced_and_the_item_retried(tmp_path, mlf
     runs = client.search_runs([experiment_id], filter_string=f"tags.item = '{victim}'")
     # the retry finished; the killed attempt, if it got as far as opening its run, is marked FAILED
     assert sorted(run.info.status for run in runs) in (["FINISHED"], ["FAILED", "FINISHED"])
+
+
+def test_cli_names_unknown_items_without_running_anything(caplog):
+    from ctsynth.cli import main
+
+    assert main(["sweep", "--item", "synthetic_r0.5_s0", "synthetic_r9.0_s0"]) == 2
+    assert "not items of this sweep: synthetic_r9.0_s0" in caplog.text

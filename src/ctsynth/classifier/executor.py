@@ -219,11 +219,17 @@ def run_locally(tasks: list[ItemTask], params: Params, outcome: SweepRun, progre
     try:
         workers = [start_worker() for _ in range(size)]
         while queue or any(w.task for w in workers):
-            for worker in workers:
+            for index, worker in enumerate(workers):
                 if worker.task is None and queue:
+                    if not worker.process.is_alive():  # died between items (e.g. killed from outside)
+                        worker.connection.close()
+                        worker = workers[index] = start_worker()
                     worker.task = queue.popleft()
                     outcome.attempts[worker.task.item.name] = outcome.attempts.get(worker.task.item.name, 0) + 1
-                    worker.connection.send(worker.task)
+                    try:
+                        worker.connection.send(worker.task)
+                    except OSError:  # it died just now: the sentinel below reports it, the item is retried
+                        pass
             ready = wait([w.connection for w in workers if w.task] + [w.process.sentinel for w in workers if w.task])
             for index, worker in enumerate(workers):
                 if worker.task is None:
