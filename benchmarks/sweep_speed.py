@@ -23,6 +23,7 @@ A second phantom set (other seed) stands in for the synthetic images: an item's 
 how many images it trains on, not on where they come from.
 
     python benchmarks/sweep_speed.py --compare executor    # ~ 2 x 10 min on 2 idle CPU cores
+    python benchmarks/sweep_speed.py --compare executor --seeds 0 1   # 10 of the 25 items
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,8 +110,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def compare_executor(workdir: Path) -> None:
-    """Wall time of the default sweep: one process per item vs the local executor, same data, one run."""
+def compare_executor(workdir: Path, ratios: list[float], seeds: list[int]) -> None:
+    """Wall time of the sweep (default: params.yaml's): one process per item vs the local executor,
+    same data, one run."""
     import yaml
 
     from ctsynth.classifier.executor import local_pool_size, run_sweep
@@ -119,7 +122,8 @@ def compare_executor(workdir: Path) -> None:
     from ctsynth.data.phantom import write_phantom_dataset
     from ctsynth.paths import repo_root
 
-    base = load_params(repo_root() / "params.yaml")
+    defaults = load_params(repo_root() / "params.yaml")
+    base = defaults.model_copy(update={"sweep": defaults.sweep.model_copy(update={"ratios": ratios, "seeds": seeds})})
     prepared, synthetic = workdir / "prepared", workdir / "synthetic-standin"
     for folder, seed in ((prepared, base.data.phantom_seed), (synthetic, base.data.phantom_seed + 1000)):
         if not (folder / "manifest.csv").exists():
@@ -129,7 +133,8 @@ def compare_executor(workdir: Path) -> None:
     timings = {}
     for way in ("sequential", "local"):
         root = workdir / way
-        root.mkdir(exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)  # a cold start: no item reused from an earlier run
+        root.mkdir()
         values = base.model_dump(mode="json", by_alias=True)
         values["data"]["prepared"] = str(prepared)
         values["sweep"].update(synthetic=str(synthetic), metrics_dir=str(root / "metrics"), runs_dir=str(root / "runs"))
@@ -148,7 +153,7 @@ def compare_executor(workdir: Path) -> None:
             assert len(outcome.ran) == len(items), outcome
         timings[way] = time.perf_counter() - started
         print(f"  {way:10s}: {timings[way]:7.1f} s  (load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"default sweep, {len(items)} items ({base.classifier.backbone}, {base.classifier.resolution} px, <= {base.classifier.epochs} epochs), "
+    print(f"sweep of {len(items)} items (ratios {ratios}, seeds {seeds}) ({base.classifier.backbone}, {base.classifier.resolution} px, <= {base.classifier.epochs} epochs), "
           f"{len(os.sched_getaffinity(0))} usable cores, {cpu_model()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"  local executor: {local_pool_size(base, len(items))} workers x {base.sweep.threads_per_item} thread(s)")
     print(f"  sequential processes: {timings['sequential']:7.1f} s")
@@ -174,10 +179,10 @@ def main() -> None:
     if args.compare == "executor":
         if args.workdir:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
-            compare_executor(Path(args.workdir))
+            compare_executor(Path(args.workdir), args.ratios, args.seeds)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                compare_executor(Path(tmp))
+                compare_executor(Path(tmp), args.ratios, args.seeds)
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -100,7 +100,7 @@ def run_sweep(
     sweep = sweep_id(params, sweep_data_fingerprint(params, root))
     parent_run_id = find_or_create_parent_run(sweep, params, root)
     code = training_code_fingerprint()
-    tasks = [ItemTask(params, item, str(root), parent_run_id, sweep, item_cache_key(sweep, code, item)) for item in items]
+    tasks = [ItemTask(params, item, str(root), parent_run_id, sweep, item_cache_key(sweep, code, item, params)) for item in items]
     outcome = SweepRun(sweep, parent_run_id)
     outcome.reused = [t.item.name for t in tasks if cached_result(params, root, t.item, t.cache_key) is not None]
     if items == sweep_items(params):  # a partial run (--item) leaves the other items' files alone

@@ -118,8 +118,16 @@ def training_code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def item_cache_key(sweep: str, code: str, item: SweepItem) -> str:
-    identity = {"sweep_id": sweep, "code": code, "arm": item.arm, "ratio": float(item.ratio), "seed": item.seed}
+# sweep fields that say how or where items run, or which items exist (the item itself is in the
+# key), but not what one item computes; every other sweep field (and all of `data`) is in the key.
+EXECUTION_FIELDS = {"arms", "ratios", "seeds", "metrics_dir", "runs_dir", "executor", "workers", "threads_per_item", "retries", "ray"}
+
+
+def item_cache_key(sweep: str, code: str, item: SweepItem, params: Params) -> str:
+    """What an item's result depends on: the sweep id (classifier params + data content), the
+    training code, the data and sweep settings (a sweep field added later counts by default), the item."""
+    identity = {"sweep_id": sweep, "code": code, "arm": item.arm, "ratio": float(item.ratio), "seed": item.seed,
+                "data": params.data.model_dump(mode="json"), "sweep": params.sweep.model_dump(mode="json", exclude=EXECUTION_FIELDS)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,7 +230,7 @@ def run_sweep_item(
 
     sweep = sweep or sweep_id(params, sweep_data_fingerprint(params, root))
     parent_run_id = parent_run_id or find_or_create_parent_run(sweep, params, root)
-    cache_key = cache_key or item_cache_key(sweep, training_code_fingerprint(), item)
+    cache_key = cache_key or item_cache_key(sweep, training_code_fingerprint(), item, params)
     stage = os.environ.get("DVC_STAGE", STAGE)
     metrics_path, state_path = item_paths(params, root, item)
     tags = {"arm": item.arm, "ratio": label, "seed": item.seed, "stage": stage, SWEEP_ID_TAG: sweep, ITEM_TAG: name}
