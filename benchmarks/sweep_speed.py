@@ -12,12 +12,29 @@ own cache entries.)
 
     python benchmarks/sweep_speed.py                       # 25 runs; ~ a few minutes on 2 CPU cores
     python benchmarks/sweep_speed.py --prepared data/prepared --synthetic data/synthetic --train 300
+
+`--compare executor` measures instead the default sweep (params.yaml: 25 items of the small CNN at
+64 px on the embedded phantom) run two ways on the same data, one after the other in one run:
+  sequential: one fresh `python` process per item, as the former one-DVC-stage-per-item matrix
+              ran them (each pays torch/MLflow start-up and data loading; torch's default threads);
+  local:      the local executor (ctsynth.classifier.executor.run_sweep): a pool of worker
+              processes sized to the machine, each running many items.
+A second phantom set (other seed) stands in for the synthetic images: an item's cost depends on
+how many images it trains on, not on where they come from.
+
+    python benchmarks/sweep_speed.py --compare executor    # ~ 2 x 10 min on 2 idle CPU cores
+    python benchmarks/sweep_speed.py --compare executor --seeds 0 1   # 10 of the 25 items
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,8 +90,82 @@ def run_sweep(params: ClassifierParams, prepared: Path, synthetic: Path, ratios,
     return time.perf_counter() - started
 
 
+# One sweep item in a fresh interpreter: what pipelines/train_classifier.py did per DVC matrix item.
+SEQUENTIAL_ITEM = """
+import sys
+from pathlib import Path
+from ctsynth.classifier.sweep import SweepItem, run_sweep_item
+from ctsynth.config import load_params
+from ctsynth.logs import setup_logging
+setup_logging("WARNING")
+arm, ratio, seed, params, root = sys.argv[1:]
+run_sweep_item(load_params(params), SweepItem(arm, float(ratio), int(seed)), Path(root), progress=False)
+"""
+
+
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def compare_executor(workdir: Path, ratios: list[float], seeds: list[int]) -> None:
+    """Wall time of the sweep (default: params.yaml's): one process per item vs the local executor,
+    same data, one run."""
+    import yaml
+
+    from ctsynth.classifier.executor import local_pool_size, run_sweep
+    from ctsynth.classifier.sweep import sweep_items
+    from ctsynth.config import load_params
+    from ctsynth.data.ingest import prepare_dataset
+    from ctsynth.data.phantom import write_phantom_dataset
+    from ctsynth.paths import repo_root
+
+    defaults = load_params(repo_root() / "params.yaml")
+    base = defaults.model_copy(update={"sweep": defaults.sweep.model_copy(update={"ratios": ratios, "seeds": seeds})})
+    prepared, synthetic = workdir / "prepared", workdir / "synthetic-standin"
+    for folder, seed in ((prepared, base.data.phantom_seed), (synthetic, base.data.phantom_seed + 1000)):
+        if not (folder / "manifest.csv").exists():
+            write_phantom_dataset(workdir / f"raw-{seed}", seed=seed, workers=2)
+            prepare_dataset(workdir / f"raw-{seed}", folder, base.data)
+    items = sweep_items(base)
+    timings = {}
+    for way in ("sequential", "local"):
+        root = workdir / way
+        shutil.rmtree(root, ignore_errors=True)  # a cold start: no item reused from an earlier run
+        root.mkdir()
+        values = base.model_dump(mode="json", by_alias=True)
+        values["data"]["prepared"] = str(prepared)
+        values["sweep"].update(synthetic=str(synthetic), metrics_dir=str(root / "metrics"), runs_dir=str(root / "runs"))
+        params_file = root / "params.yaml"
+        params_file.write_text(yaml.safe_dump(values, sort_keys=False))
+        params = load_params(params_file)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        if way == "sequential":
+            for item in items:
+                subprocess.run([sys.executable, "-c", SEQUENTIAL_ITEM, item.arm, str(item.ratio), str(item.seed), str(params_file), str(root)],
+                               check=True)
+        else:
+            outcome = run_sweep(params, root, progress=False)
+            assert len(outcome.ran) == len(items), outcome
+        timings[way] = time.perf_counter() - started
+        print(f"  {way:10s}: {timings[way]:7.1f} s  (load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"sweep of {len(items)} items (ratios {ratios}, seeds {seeds}) ({base.classifier.backbone}, {base.classifier.resolution} px, <= {base.classifier.epochs} epochs), "
+          f"{len(os.sched_getaffinity(0))} usable cores, {cpu_model()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"  local executor: {local_pool_size(base, len(items))} workers x {base.sweep.threads_per_item} thread(s)")
+    print(f"  sequential processes: {timings['sequential']:7.1f} s")
+    print(f"  local executor:       {timings['local']:7.1f} s")
+    print(f"  speed-up: {timings['sequential'] / timings['local']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=["cache", "executor"], default="cache",
+                        help="cache: frozen-feature cache vs none (default); executor: local executor vs one process per item")
+    parser.add_argument("--workdir", default=None, help="executor: keep data and results here (default: a temporary folder)")
     parser.add_argument("--weights", default="random-file", help="random-file (default), none, imagenet, or a file")
     # The default sweep's shape (5 ratios x 5 seeds): the cache pays once, the uncached sweep per run.
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -85,6 +176,14 @@ def main() -> None:
     parser.add_argument("--synthetic", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.compare == "executor":
+        if args.workdir:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            compare_executor(Path(args.workdir), args.ratios, args.seeds)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                compare_executor(Path(tmp), args.ratios, args.seeds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.prepared:

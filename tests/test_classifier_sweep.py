@@ -7,7 +7,6 @@ from _classifier_data import CLASSES, write_prepared, write_synthetic
 
 from ctsynth.config import Params
 
-SWEEP = [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +21,9 @@ def sweep(tmp_path_factory):
         "classifier": {"resolution": 16, "epochs": 3, "patience": 2, "batch_size": 8, "feature_cache": str(root / "cache")},
         "sweep": {"ratios": [0.0, 0.5], "seeds": [0, 1]},
     })
-    from ctsynth.classifier.sweep import run_sweep_item
+    from ctsynth.classifier.sweep import run_sweep_item, sweep_items
 
-    outputs = {(r, s): run_sweep_item(params, r, s, root, progress=False) for r, s in SWEEP}
+    outputs = {(item.ratio, item.seed): run_sweep_item(params, item, root, progress=False) for item in sweep_items(params)}
     yield root, params, outputs
     mp.undo()
 
@@ -47,12 +46,24 @@ def test_each_item_writes_metrics_and_weights_and_is_a_child_of_one_parent(sweep
     assert parent.data.tags["sweep_role"] == "parent"
     child = client.get_run(outputs[(0.5, 1)].run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert (child.data.tags["ratio"], child.data.tags["seed"], child.data.tags["stage"]) == ("0.5", "1", "train_classifier")
+    assert (child.data.tags["arm"], child.data.tags["ratio"], child.data.tags["seed"], child.data.tags["stage"]) == ("synthetic", "0.5", "1", "train_classifier")
+    assert (child.data.params["arm"], child.data.params["ratio"], child.data.params["seed"]) == ("synthetic", "0.5", "1")
     curve = client.get_metric_history(child.info.run_id, "curve/valid_loss")
     assert [m.step for m in curve] == list(range(1, record["epochs_run"] + 1))
     assert child.data.metrics["test_accuracy"] == pytest.approx(record["test"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"confusion_matrix_test.png", "model", "synthetic_r0.5_s1.json", "details"} <= artifacts
+
+def test_sweep_items_cross_arms_ratios_seeds_with_one_baseline_per_seed():
+    from ctsynth.classifier.sweep import SweepItem, sweep_items
+
+    params = Params.model_validate({"sweep": {"arms": ["synthetic", "duplicate", "synthetic_only"], "ratios": [0.0, 0.5], "seeds": [3, 4]}})
+    names = [item.name for item in sweep_items(params)]
+    assert names == ["real_r0.0_s3", "real_r0.0_s4", "synthetic_r0.5_s3", "synthetic_r0.5_s4",
+                     "duplicate_r0.5_s3", "duplicate_r0.5_s4", "synthetic_only_r1.0_s3", "synthetic_only_r1.0_s4"]
+    assert SweepItem("synthetic", 0.25, 0).name == "synthetic_r0.25_s0"
+    with pytest.raises(ValueError, match="sweep.arms"):
+        Params.model_validate({"sweep": {"arms": ["synthetic", "synthetic"]}})
 
 
 def test_select_writes_statistics_exports_onnx_and_registers_the_champion(sweep):

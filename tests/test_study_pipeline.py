@@ -36,7 +36,7 @@ def study(tmp_path_factory):
     from ctsynth.classifier.sweep import run_sweep_item, sweep_items
 
     items = sweep_items(params)
-    outputs = {item.name: run_sweep_item(params, item.ratio, item.seed, root, progress=False, arm=item.arm) for item in items}
+    outputs = {item.name: run_sweep_item(params, item, root, progress=False) for item in items}
     yield root, params, items, outputs
     mp.undo()
 

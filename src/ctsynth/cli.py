@@ -115,16 +115,26 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from ctsynth.classifier.sweep import run_sweep_item
+    from ctsynth.classifier.executor import SweepFailed, run_sweep
+    from ctsynth.classifier.sweep import sweep_items
     from ctsynth.config import load_params
     from ctsynth.paths import repo_root
 
     params = load_params(args.params)
-    ratios = args.ratio if args.ratio is not None else [str(r) for r in params.sweep.ratios]
-    seeds = args.seed if args.seed is not None else params.sweep.seeds
-    for ratio in ratios:
-        for seed in seeds:
-            run_sweep_item(params, float(ratio), seed, repo_root(), label=ratio)
+    if args.executor:
+        params = params.model_copy(update={"sweep": params.sweep.model_copy(update={"executor": args.executor})})
+    items = sweep_items(params)
+    if args.item:
+        unknown = sorted(set(args.item) - {item.name for item in items})
+        if unknown:
+            log.error("not items of this sweep: %s (known: %s)", ", ".join(unknown), ", ".join(i.name for i in items))
+            return 2
+        items = [item for item in items if item.name in args.item]
+    try:
+        run_sweep(params, repo_root(), items)
+    except SweepFailed as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 
@@ -253,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_generate)
 
 
-    p = commands.add_parser("train-classifier", help="train sweep items (default: every sweep.ratios x sweep.seeds) with MLflow child runs")
-    p.add_argument("--ratio", nargs="+", default=None, help="synthetic ratios to run (default: sweep.ratios)")
-    p.add_argument("--seed", nargs="+", type=int, default=None, help="seeds to run (default: sweep.seeds)")
+    p = commands.add_parser("train-classifier", aliases=["sweep"],
+                            help="run the sweep's items (arms x ratios x seeds) through the executor; unchanged items are reused")
+    p.add_argument("--item", nargs="+", default=None, help="only these items, e.g. synthetic_r0.5_s3 real_r0.0_s0 (default: all)")
+    p.add_argument("--executor", choices=["local", "ray"], default=None, help="override sweep.executor")
     p.set_defaults(handler=_train_classifier)
 
     p = commands.add_parser("select", help="sweep statistics, champion by validation metric, ONNX export + parity, registry")

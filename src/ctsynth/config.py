@@ -123,6 +123,13 @@ class ClassifierParams(Section):
         return self
 
 
+class SweepRayParams(Section):
+    """Resources of one sweep item as a Ray task (sweep.executor: ray)."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
 class SweepParams(Section):
     """The study's sweep: every arm x ratio x seed is one item (docs/study.md)."""
 
@@ -141,6 +148,12 @@ class SweepParams(Section):
     synthetic: str = "data/synthetic"
     metrics_dir: str = "metrics/sweep"
     runs_dir: str = "models/classifier/runs"
+    # local: a pool of worker processes on this machine; ray: one Ray task per item on $RAY_ADDRESS.
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(0, ge=0)  # local: processes; 0 = the usable CPU cores // threads_per_item
+    threads_per_item: int = Field(1, ge=1)  # local: torch threads in each worker
+    retries: int = Field(1, ge=0)  # a failed item (or one whose worker died) runs again this often
+    ray: SweepRayParams = SweepRayParams()
 
     @model_validator(mode="after")
     def _sane_lists(self) -> "SweepParams":

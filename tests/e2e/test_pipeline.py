@@ -122,7 +122,10 @@ def test_every_stage_ran_and_wrote_its_outputs(study):
         "metrics/summary.json",
         "reports/summary.html",
     ]
-    expected += [f"metrics/sweep/r{float(r)}_s{s}.json" for r in params["sweep"]["ratios"] for s in params["sweep"]["seeds"]]
+    from ctsynth.classifier.sweep import sweep_items
+    from ctsynth.config import load_params
+
+    expected += [f"metrics/sweep/{item.name}.json" for item in sweep_items(load_params(TINY_PARAMS))]
     missing = [name for name in expected if not (repo / name).is_file()]
     assert not missing, f"missing outputs: {missing}"
     assert json.loads((repo / "reports/validation/summary.json").read_text())["success"] == 1  # DVC metrics: numbers only

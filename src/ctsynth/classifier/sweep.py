@@ -1,11 +1,16 @@
-"""One item of the synthetic-ratio sweep, tracked in MLflow under one parent run per sweep.
+"""One item of the sweep, tracked in MLflow under one parent run per sweep.
 
-Each (ratio, seed) is a separate process (a DVC `matrix:` stage item), so the parent run cannot be
-handed down in memory. It is found by tag instead: sweep_id = sha256 of the classifier params and
-the content of every image the sweep may read (prepared + synthetic manifests and files). The first
-item to run creates the parent, later ones find it; a file lock serialises find-or-create between
-items running at the same time on one machine. Changing the params or the data makes a new sweep
-id, hence a new parent; adding a seed or a ratio to the matrix does not.
+An item is one (arm, ratio, seed): a classifier trained on the arm's training set and measured on
+the real test split. `ctsynth.classifier.executor` runs many items (in worker processes or as Ray
+tasks); this module does one, and names what identifies it:
+
+- sweep_id = sha256 of the classifier params and the content of every image the sweep may read
+  (prepared + synthetic + oracle manifests and files). The parent MLflow run carries it as a tag, so items
+  run in other processes or on other machines find the same parent. Changing the params or the
+  data makes a new sweep id, hence a new parent; adding a seed, a ratio or an arm does not.
+- cache_key = sha256 of the sweep id, the item and the training code. An item's details file
+  (metrics/sweep/details/<name>.json) records it; a later run reuses the item when the key is
+  unchanged and its weights, details and flat metrics files are all there.
 """
 
 from __future__ import annotations
@@ -33,11 +38,26 @@ log = logging.getLogger(__name__)
 STAGE = "train_classifier"
 PARENT_ROLE_TAG = "sweep_role"
 SWEEP_ID_TAG = "sweep_id"
+ITEM_TAG = "item"
+BASELINE_ARM = "real"  # ratio 0: real images only, the same for every arm
+SYNTHETIC_ONLY_ARM = "synthetic_only"  # trained on synthetic images only: one item per seed, ratio 1.0
+
+# The files whose content decides an item's result. Editing one of them invalidates every cached
+# item; editing the executor, the statistics or the report does not.
+TRAINING_CODE = (
+    "classifier/backbones.py", "classifier/evaluate.py", "classifier/features.py", "classifier/heads.py",
+    "classifier/precision.py", "classifier/train.py", "classifier/sweep.py", "data/mixing.py", "data/preprocess.py",
+)
+
+
+def ratio_label(ratio: float) -> str:
+    """A ratio as it appears in item names: Python's str of the float (0.0, 0.25, 1.0)."""
+    return str(float(ratio))
 
 
 @dataclass(frozen=True)
 class SweepItem:
-    """One item of the study: an arm at a ratio with a seed (ratio 0: the shared `real` baseline)."""
+    """One classifier run of the sweep."""
 
     arm: str
     ratio: float
@@ -45,34 +65,28 @@ class SweepItem:
 
     @property
     def name(self) -> str:
+        """File and MLflow run name: {arm}_r{ratio}_s{seed}, e.g. synthetic_r0.5_s3, real_r0.0_s0."""
         return f"{self.arm}_r{ratio_label(self.ratio)}_s{self.seed}"
 
 
 def sweep_items(params: Params) -> list[SweepItem]:
-    """Every item of the current matrix: real_r0.0 per seed, each arm at each ratio > 0 per seed,
-    synthetic_only at ratio 1.0 per seed."""
-    sweep = params.sweep
-    items = [SweepItem("real", 0.0, seed) for seed in sweep.seeds if 0.0 in sweep.ratios]
-    for arm in sweep.arms:
-        ratios = [1.0] if arm == "synthetic_only" else [float(r) for r in sweep.ratios if r > 0]
-        items += [SweepItem(arm, ratio, seed) for ratio in ratios for seed in sweep.seeds]
+    """Every item of the sweep: sweep.arms x sweep.ratios x sweep.seeds, where ratio 0 is one real-only
+    baseline per seed (whatever the arm) and `synthetic_only` runs once per seed at ratio 1.0."""
+    items: list[SweepItem] = []
+    for arm in params.sweep.arms:
+        ratios = [1.0] if arm == SYNTHETIC_ONLY_ARM else params.sweep.ratios
+        for ratio in ratios:
+            for seed in params.sweep.seeds:
+                item = SweepItem(BASELINE_ARM, 0.0, seed) if ratio == 0 else SweepItem(arm, float(ratio), seed)
+                if item not in items:
+                    items.append(item)
     return items
 
 
-def item_name(ratio_label: str, seed: int) -> str:
-    """File and run name of a sweep item: r{ratio}_s{seed}, ratio written as in dvc.yaml's matrix."""
-    return f"r{ratio_label}_s{seed}"
-
-
-def ratio_label(ratio: float) -> str:
-    """How DVC templates a float from params.yaml (Python's str): 0.0, 0.25, 1.0."""
-    return str(float(ratio))
-
-
-def data_fingerprint(prepared_dir: Path, synthetic_dir: Path | None) -> str:
-    """sha256 over the manifests and the bytes of every file they list."""
+def data_fingerprint(*folders: Path | None) -> str:
+    """sha256 over the manifests and the bytes of every file they list (None: an absent folder)."""
     digest = hashlib.sha256()
-    for folder in (prepared_dir, synthetic_dir):
+    for folder in folders:
         if folder is None or not (folder / "manifest.csv").exists():
             digest.update(b"absent")
             continue
@@ -87,6 +101,55 @@ def data_fingerprint(prepared_dir: Path, synthetic_dir: Path | None) -> str:
 def sweep_id(params: Params, data_hash: str) -> str:
     identity = {"classifier": params.classifier.model_dump(), "classes": params.data.classes, "data": data_hash}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sweep_data_fingerprint(params: Params, root: Path) -> str:
+    """data_fingerprint of the folders this sweep reads (synthetic and oracle only if they have a manifest)."""
+    optional = [_under(root, folder) for folder in (params.sweep.synthetic, params.sweep.oracle)]
+    return data_fingerprint(_under(root, params.data.prepared), *[f if (f / "manifest.csv").exists() else None for f in optional])
+
+
+def training_code_fingerprint() -> str:
+    """sha256 over the source of the modules that decide an item's result (TRAINING_CODE)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for relative in TRAINING_CODE:
+        digest.update(relative.encode())
+        digest.update((package / relative).read_bytes())
+    return digest.hexdigest()
+
+
+# sweep fields that say how or where items run, or which items exist (the item itself is in the
+# key), but not what one item computes; every other sweep field (and all of `data`) is in the key.
+EXECUTION_FIELDS = {"arms", "ratios", "seeds", "metrics_dir", "runs_dir", "executor", "workers", "threads_per_item", "retries", "ray"}
+
+
+def item_cache_key(sweep: str, code: str, item: SweepItem, params: Params) -> str:
+    """What an item's result depends on: the sweep id (classifier params + data content), the
+    training code, the data and sweep settings (a sweep field added later counts by default), the item."""
+    identity = {"sweep_id": sweep, "code": code, "arm": item.arm, "ratio": float(item.ratio), "seed": item.seed,
+                "data": params.data.model_dump(mode="json"), "sweep": params.sweep.model_dump(mode="json", exclude=EXECUTION_FIELDS)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def item_paths(params: Params, root: Path, item: SweepItem) -> tuple[Path, Path, Path]:
+    """(details file, weights file, flat metrics file) of an item: metrics/sweep/details/<name>.json,
+    models/classifier/runs/<name>.pt, metrics/sweep/<name>.json. The details file is the item's
+    record (cache key, MLflow run, per-test-image predictions); the flat file is what DVC shows."""
+    metrics_path, details_path = item_files(_under(root, params.sweep.metrics_dir), item.name)
+    return details_path, _under(root, params.sweep.runs_dir) / f"{item.name}.pt", metrics_path
+
+
+def cached_result(params: Params, root: Path, item: SweepItem, cache_key: str) -> dict | None:
+    """The item's details record if it was written under `cache_key` and its other files are there."""
+    details_path, state_path, metrics_path = item_paths(params, root, item)
+    if not (details_path.is_file() and state_path.is_file() and metrics_path.is_file()):
+        return None
+    try:
+        record = json.loads(details_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or foreign file: the item runs again and overwrites it
+    return record if isinstance(record, dict) and record.get("cache_key") == cache_key else None
 
 
 @contextlib.contextmanager
@@ -125,55 +188,55 @@ def _flat(values: dict, prefix: str = "") -> dict[str, str]:
     return {f"{prefix}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
 
-def _jsonable(value):
-    """NaN (an undefined metric) becomes null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class SweepItemOutputs:
     metrics_path: Path
+    details_path: Path
     state_dict_path: Path
     run_id: str
     parent_run_id: str
 
 
-def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: str | None = None, progress: bool = True,
-                   arm: str | None = None) -> SweepItemOutputs:
-    """Build the arm's training set, train, evaluate and log one (arm, ratio, seed); write
-    metrics/sweep/<name>.json (flat metrics) and metrics/sweep/details/<name>.json."""
-    label = label or ratio_label(ratio)
-    arm = arm or ("real" if ratio == 0 else "synthetic")
-    name = SweepItem(arm, ratio, seed).name
+def run_sweep_item(
+    params: Params,
+    item: SweepItem,
+    root: Path,
+    progress: bool = True,
+    parent_run_id: str | None = None,
+    sweep: str | None = None,
+    cache_key: str | None = None,
+) -> SweepItemOutputs:
+    """Build the arm's training set, train, evaluate and log one MLflow child run; write
+    runs/<name>.pt, metrics/sweep/details/<name>.json and (last, so a file there means a finished
+    item) the flat metrics/sweep/<name>.json.
+
+    `sweep`, `parent_run_id` and `cache_key` are computed here unless the executor passes them
+    (it computes them once per sweep instead of once per item)."""
+    name = item.name
+    label = ratio_label(item.ratio)
     classes = params.data.classes
     prepared_dir = _under(root, params.data.prepared)
     synthetic_dir = _under(root, params.sweep.synthetic)
     valid_items = real_split(prepared_dir, "valid", classes)
     test_items = real_split(prepared_dir, "test", classes)
-    real_train, pools = load_arm_data(arm, prepared_dir, synthetic_dir, _under(root, params.sweep.oracle), classes)
-    train_items = training_set(arm, real_train, pools, ratio, seed, classes, params.sweep.classic_augmentation)
+    real_train, pools = load_arm_data(item.arm, prepared_dir, synthetic_dir, _under(root, params.sweep.oracle), classes)
+    train_items = training_set(item.arm, real_train, pools, item.ratio, item.seed, classes, params.sweep.classic_augmentation)
     counts = count_by_class_and_source(train_items)
 
-    sweep = sweep_id(params, data_fingerprint(prepared_dir, synthetic_dir if (synthetic_dir / "manifest.csv").exists() else None))
-    parent_run_id = find_or_create_parent_run(sweep, params, root)
+    sweep = sweep or sweep_id(params, sweep_data_fingerprint(params, root))
+    parent_run_id = parent_run_id or find_or_create_parent_run(sweep, params, root)
+    cache_key = cache_key or item_cache_key(sweep, training_code_fingerprint(), item, params)
     stage = os.environ.get("DVC_STAGE", STAGE)
-    metrics_path, details_path = item_files(_under(root, params.sweep.metrics_dir), name)
-    state_path = _under(root, params.sweep.runs_dir) / f"{name}.pt"
-    tags = {"arm": arm, "ratio": label, "seed": seed, "stage": stage, SWEEP_ID_TAG: sweep}
+    details_path, state_path, metrics_path = item_paths(params, root, item)
+    tags = {"arm": item.arm, "ratio": label, "seed": item.seed, "stage": stage, SWEEP_ID_TAG: sweep, ITEM_TAG: name}
 
     with tracking.start_run(tracking.EXPERIMENT_CLASSIFIER, name, tags=tags, parent_run_id=parent_run_id, root=root) as run:
         import mlflow
 
-        mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "arm": arm, "ratio": label, "seed": seed,
+        mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "arm": item.arm, "ratio": label, "seed": item.seed,
                            "n_train": len(train_items), "n_valid": len(valid_items), "n_test": len(test_items),
                            "train_counts": json.dumps(counts)})
-        result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, seed, progress=progress)
+        result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, item.seed, progress=progress)
         for record in result.history:
             # curve/... so the per-epoch series never mix with the final valid_/test_ values
             mlflow.log_metrics({f"curve/{k}": v for k, v in record.items() if k != "epoch" and not math.isnan(v)}, step=record["epoch"])
@@ -188,19 +251,21 @@ def run_sweep_item(params: Params, ratio: float, seed: int, root: Path, label: s
         state_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(result.model.state_dict(), state_path)
         mlflow.log_artifact(str(state_path), artifact_path="model")
-        record = _item_record(result, params, label, ratio, seed, counts, state_path, root, run.info.run_id, parent_run_id, sweep)
-        record.update(arm=arm, test_predictions=predictions_record(result.test_labels, result.test_probabilities))
-        write_item_result(metrics_path.parent, name, record, classes)
+        record = _item_record(result, params, item, counts, state_path, root, run.info.run_id, parent_run_id, sweep, cache_key)
+        record["test_predictions"] = predictions_record(result.test_labels, result.test_probabilities)
+        write_item_result(metrics_path.parent, item.name, record, classes)
         mlflow.log_artifact(str(metrics_path))
         mlflow.log_artifact(str(details_path), artifact_path="details")
-    return SweepItemOutputs(metrics_path, state_path, run.info.run_id, parent_run_id)
+    return SweepItemOutputs(metrics_path, details_path, state_path, run.info.run_id, parent_run_id)
 
 
-def _item_record(result: TrainResult, params: Params, label, ratio, seed, counts, state_path, root, run_id, parent_run_id, sweep) -> dict:
+def _item_record(result: TrainResult, params: Params, item: SweepItem, counts, state_path, root, run_id, parent_run_id, sweep, cache_key) -> dict:
     return {
-        "ratio": float(ratio),
-        "ratio_label": label,
-        "seed": seed,
+        "name": item.name,
+        "arm": item.arm,
+        "ratio": float(item.ratio),
+        "ratio_label": ratio_label(item.ratio),
+        "seed": item.seed,
         "valid": result.valid,
         "test": result.test,
         "best_epoch": result.best_epoch,
@@ -214,6 +279,7 @@ def _item_record(result: TrainResult, params: Params, label, ratio, seed, counts
         "seconds": result.seconds,
         "state_dict": _relative(state_path, root),
         "mlflow": {"run_id": run_id, "parent_run_id": parent_run_id, "sweep_id": sweep, "experiment": tracking.EXPERIMENT_CLASSIFIER},
+        "cache_key": cache_key,
     }
 
 
