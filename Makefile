@@ -45,13 +45,15 @@ serve: | $(STAMP)
 	$(BIN)/bentoml serve serving.service:CTSynthClassifier --host $(SERVE_HOST) --port $(PORT)
 
 # MLflow UI on the local SQLite store (the one every stage writes when MLFLOW_TRACKING_URI is unset).
-# First marks the study's experiments as model-training ones (stores made before that rule), so the
-# UI opens on the runs table, not on MLflow's GenAI pages. docs/operations.md: which columns to add.
+# First marks the study's experiments as model-training ones (stores made before that rule). MLflow
+# 3.17's UI still opens on its GenAI pages unless the URL says workflowType=machine_learning (or the
+# sidebar's "Model training" switch is clicked): the URL printed below. docs/operations.md: columns.
 MLFLOW_PORT ?= 5000
 .PHONY: ui mlflow-server
 ui: | $(STAMP)
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/python -c \
 		'from ctsynth import tracking; [tracking.ensure_experiment(name) for name in tracking.EXPERIMENTS]'
+	@echo "Open http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning (the runs tables; MLflow 3.17 opens on its GenAI pages otherwise)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 

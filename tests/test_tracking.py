@@ -195,3 +195,15 @@ def assert_readable_in_dvc(files: dict[str, Path], workdir: Path) -> None:
         assert len(lines) >= 2, (name, lines)  # header + the workspace row
         widest = max(len(line) for line in lines)
         assert widest <= DVC_TERMINAL_WIDTH, f"`dvc metrics show {name}` is {widest} columns wide:\n" + "\n".join(lines)
+
+
+def test_the_ui_address_make_ui_prints_selects_the_runs_tables():
+    # MLflow 3.17's UI picks GenAI or model-training pages from ?workflowType=...; the value we
+    # print must be the one its bundle accepts.
+    import mlflow
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    text = "".join(f.read_text(errors="ignore") for f in bundle.glob("main.*.js"))
+    assert 'MACHINE_LEARNING="machine_learning"' in text and 'get("workflowType")' in text
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "#/experiments?workflowType=machine_learning" in makefile
