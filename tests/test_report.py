@@ -90,7 +90,7 @@ def test_sweep_section_has_every_arm_the_comparisons_and_the_verdicts():
 
 
 def test_missing_stage_outputs_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"reports/validation/summary\.json.*dvc repro"):
+    with pytest.raises(FileNotFoundError, match=r"reports/validation/details\.json.*dvc repro"):
         render_report(Params(), tmp_path)
 
 
@@ -107,4 +107,4 @@ def test_cli_summary_and_report_without_a_study_exit_1_with_the_reason(tmp_path,
     assert main(["summary"]) == 1
     assert "metrics/summary.json does not exist" in caplog.text
     assert main(["report"]) == 1
-    assert "missing" in caplog.text and "reports/validation/summary.json" in caplog.text
+    assert "missing" in caplog.text and "reports/validation/details.json" in caplog.text

@@ -57,9 +57,9 @@ class ReportInputs:
 
         synthetic_report = under(params.synthetic.report)
         return cls(
-            validation_summary=under(params.validation.report) / "summary.json",
+            validation_summary=under(params.validation.report) / "details.json",  # summary.json holds only DVC's few numbers
             gan_report=under(params.gan.report),
-            synthetic_metrics=synthetic_report / "metrics.json",
+            synthetic_metrics=synthetic_report / "details.json",
             nearest_neighbours=synthetic_report / "nearest_neighbours.png",
             sweep_summary=under(params.select.summary),
             sweep_table=under(params.select.report),
@@ -477,6 +477,6 @@ def study_summary_text(params: Params, root: Path, report: Path | None = None) -
     ]
     report = report or root / "reports" / "summary.html"
     lines.append(f"Report: {report}" + ("" if report.exists() else "  (missing: run `dvc repro report`)"))
-    lines.append(f"MLflow UI: make ui   (mlflow ui --backend-store-uri {tracking.tracking_uri(root)}, then http://127.0.0.1:5000)")
+    lines.append(f"MLflow UI: make ui   (mlflow ui --backend-store-uri {tracking.tracking_uri(root)}, then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning)")
     lines.append("Service: make serve   (then: curl -F image=@data/prepared/test/normal/<file>.png http://127.0.0.1:3000/predict)")
     return "\n".join(lines)
