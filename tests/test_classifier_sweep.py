@@ -19,7 +19,7 @@ def sweep(tmp_path_factory):
     params = Params.model_validate({
         "data": {"resolution": 16},
         "classifier": {"resolution": 16, "epochs": 3, "patience": 2, "batch_size": 8, "feature_cache": str(root / "cache")},
-        "sweep": {"ratios": [0.0, 0.5], "seeds": [0, 1]},
+        "sweep": {"arms": ["synthetic"], "ratios": [0.0, 0.5], "seeds": [0, 1]},
     })
     from ctsynth.classifier.sweep import run_sweep_item, sweep_items
 
