@@ -15,7 +15,6 @@ import pytest
 import torch
 from test_gan_train import CLASSES, tiny_config, write_two_class_set
 
-from ctsynth import tracking
 from ctsynth.gan import checkpoint as ckpt
 from ctsynth.gan.generate import generate_images
 from ctsynth.gan.train import QUALITY_LOG, TrainOptions, load_training_data, train_gan
@@ -39,7 +38,7 @@ def test_generator_registered_and_generate_from_models_uri(tmp_path, monkeypatch
     grid = next((gan / "grids").glob("*.png"))
 
     version = register_generator(final, grid, quality, run_id=run_id)
-    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     entry = client.get_model_version_by_alias(GENERATOR_MODEL, GENERATOR_ALIAS)
     assert str(entry.version) == version and entry.run_id == run_id
     assert float(entry.tags["kid"]) == pytest.approx(quality["kid"], rel=1e-5)

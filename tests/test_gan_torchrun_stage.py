@@ -43,5 +43,5 @@ def test_train_gan_stage_under_torchrun_two_ranks(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     runs = mlflow.search_runs(experiment_names=["ctsynth-gan"])
     assert len(runs) == 1  # rank 1 opened no run of its own (the report reuses the training run)
-    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
     assert [str(v.version) for v in client.search_model_versions(f"name='{GENERATOR_MODEL}'")] == ["1"]
