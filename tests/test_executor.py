@@ -18,7 +18,7 @@ from ctsynth.config import Params
 TINY = {
     "data": {"resolution": 16},
     "classifier": {"resolution": 16, "epochs": 3, "patience": 2, "batch_size": 8, "inference_precision": "fp32"},
-    "sweep": {"ratios": [0.0, 0.5], "seeds": [0, 1], "workers": 2, "threads_per_item": 1},
+    "sweep": {"arms": ["synthetic"], "ratios": [0.0, 0.5], "seeds": [0, 1], "workers": 2, "threads_per_item": 1},
 }
 
 

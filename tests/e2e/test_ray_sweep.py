@@ -131,7 +131,7 @@ def test_sweep_on_a_ray_cluster_with_a_killed_worker(tmp_path, monkeypatch):
     params = Params.model_validate({
         "data": {"resolution": 16},
         "classifier": {"resolution": 16, "epochs": 3, "patience": 2, "batch_size": 8, "inference_precision": "fp32"},
-        "sweep": {"ratios": [0.0, 0.5], "seeds": [0, 1], "executor": "ray", "ray": {"num_cpus": 1, "num_gpus": 0}},
+        "sweep": {"arms": ["synthetic"], "ratios": [0.0, 0.5], "seeds": [0, 1], "executor": "ray", "ray": {"num_cpus": 1, "num_gpus": 0}},
     })
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as url, ray_cluster(tmp_path) as (address, sessions):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
