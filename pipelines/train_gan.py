@@ -68,6 +68,7 @@ def write_reports(params, cfg: GANConfig, data, out_dir: Path, report_dir: Path)
         import mlflow
 
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        tracking.log_lineage([params.data.prepared], context="training")
         if not gan.per_class:  # one network to register; per-class models stay files in models/gan
             from ctsynth.registry import register_generator
 

@@ -591,7 +591,7 @@ def train_gan(cfg: GANConfig, data: TrainingData, options: TrainOptions) -> Path
     ) as run:
         import mlflow
 
-        if trainer.mlflow_run_id is None:
+        if trainer.mlflow_run_id != run.info.run_id:  # a new run (also when the old one is gone from the store)
             mlflow.log_params({k: str(v) for k, v in cfg.to_dict().items()})
             mlflow.log_params({
                 "classes": ",".join(options.classes), "n_train_images": len(data),
