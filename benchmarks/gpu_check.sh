@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 6, one script: on a CUDA machine
+# GPU check, one script: on a CUDA machine
 #   (i)  builds the fused CUDA bias_act with ninja (CTSYNTH_FUSED_OPS=1: a failed build is an
 #        error, not a silent fallback) and runs the parity tests (tests/test_gan_ops.py) plus CUDA
 #        parity of the fused op and of the whole training step against the reference path;

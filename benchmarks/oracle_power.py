@@ -1,7 +1,7 @@
 """The positive control on the embedded data: does adding NEW genuine images (oracle) beat adding
 duplicates at the largest ratio, by the study's own statistics? Also times one item per arm.
 
-    python benchmarks/oracle_power.py --work /tmp/oracle-power [--seeds 5] [--ratio 1.0]
+    python benchmarks/oracle_power.py --work WORKDIR [--seeds 5] [--ratio 1.0]
 
 Writes the phantom data set (data.phantom_seed) and the oracle pool (sweep.oracle_seed) into
 --work through the same prepare path as the pipeline, trains the default classifier (params.yaml)
