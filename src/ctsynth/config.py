@@ -107,6 +107,9 @@ class ClassifierParams(Section):
     bf16_prob_tolerance: float = Field(0.02, gt=0)  # max |p_bf16 - p_fp32| on validation, and no label change
     bf16_feature_tolerance: float = Field(0.05, gt=0)  # max relative L2 feature error on validation
     feature_cache: str = ".cache/features"
+    # Where the model, its batches and the frozen-feature extraction run (ctsynth.device:
+    # auto = CUDA when available, else CPU).
+    device: DeviceSetting = "auto"
 
     @model_validator(mode="after")
     def _known_choices(self) -> "ClassifierParams":
@@ -274,6 +277,8 @@ class GenerateParams(Section):
     out: str = "data/synthetic"
     snapshot: Literal["best", "final"] = "final"  # best: the snapshot with the lowest recorded KID
     allow_outside_repo: bool = False
+    # Where G_ema runs (ctsynth.device: auto = CUDA when available, else CPU).
+    device: DeviceSetting = "auto"
 
 
 class Params(BaseModel):
