@@ -98,8 +98,8 @@ class ClassifierParams(Section):
     optimizer: str = "adam"  # adam | adamw | sgd
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(25, ge=1)  # at most; early stopping on validation ends sooner
-    patience: int = Field(6, ge=1)  # epochs without a better validation score before stopping
+    epochs: int = Field(20, ge=1)  # at most; early stopping on validation ends sooner
+    patience: int = Field(8, ge=1)  # epochs without a better validation score before stopping
     monitor: str = "valid_loss"  # valid_loss | valid_balanced_accuracy | valid_roc_auc
     augment: bool = True  # random shift up to max_shift px (not applied to cached features)
     max_shift: int = Field(4, ge=0)
