@@ -29,7 +29,7 @@ def main() -> None:
     generate_images(
         root / params.gan.out, out, params.data.classes, per_class=gen.per_class, seed=gen.seed, psi=gen.psi,
         out_resolution=gen.out_resolution or params.data.resolution, noise_mode=gen.noise_mode, batch=gen.batch,
-        snapshot=gen.snapshot,
+        snapshot=gen.snapshot, device=gen.device,
     )
 
 

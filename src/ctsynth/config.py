@@ -98,8 +98,8 @@ class ClassifierParams(Section):
     optimizer: str = "adam"  # adam | adamw | sgd
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(25, ge=1)  # at most; early stopping on validation ends sooner
-    patience: int = Field(6, ge=1)  # epochs without a better validation score before stopping
+    epochs: int = Field(20, ge=1)  # at most; early stopping on validation ends sooner
+    patience: int = Field(8, ge=1)  # epochs without a better validation score before stopping
     monitor: str = "valid_loss"  # valid_loss | valid_balanced_accuracy | valid_roc_auc
     augment: bool = True  # random shift up to max_shift px (not applied to cached features)
     max_shift: int = Field(4, ge=0)
@@ -107,6 +107,9 @@ class ClassifierParams(Section):
     bf16_prob_tolerance: float = Field(0.02, gt=0)  # max |p_bf16 - p_fp32| on validation, and no label change
     bf16_feature_tolerance: float = Field(0.05, gt=0)  # max relative L2 feature error on validation
     feature_cache: str = ".cache/features"
+    # Where the model, its batches and the frozen-feature extraction run (ctsynth.device:
+    # auto = CUDA when available, else CPU).
+    device: DeviceSetting = "auto"
 
     @model_validator(mode="after")
     def _known_choices(self) -> "ClassifierParams":
@@ -274,6 +277,8 @@ class GenerateParams(Section):
     out: str = "data/synthetic"
     snapshot: Literal["best", "final"] = "final"  # best: the snapshot with the lowest recorded KID
     allow_outside_repo: bool = False
+    # Where G_ema runs (ctsynth.device: auto = CUDA when available, else CPU).
+    device: DeviceSetting = "auto"
 
 
 class Params(BaseModel):

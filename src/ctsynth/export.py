@@ -150,6 +150,26 @@ def cpu_session(onnx_model: Path | str | bytes, threads: int | None = None):
     return session
 
 
+def device_session(onnx_model: Path | str | bytes, device: torch.device, threads: int | None = None):
+    """An onnxruntime session on `device` (a resolved ctsynth.device setting): the CUDA provider
+    first when the device is a CUDA card and this onnxruntime build has that provider, else the
+    CPU provider. Returns (session, the provider that runs it: session.get_providers()[0])."""
+    import onnxruntime as ort
+
+    if device.type != "cuda" or "CUDAExecutionProvider" not in ort.get_available_providers():
+        if device.type == "cuda":
+            log.warning("device %s asked for, but onnxruntime %s has no CUDAExecutionProvider: ONNX runs on the CPU", device, ort.__version__)
+        session = cpu_session(onnx_model, threads)
+        return session, session.get_providers()[0]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    return session, session.get_providers()[0]
+
+
 def check_parity(
     model: torch.nn.Module,
     onnx_path: Path | str,

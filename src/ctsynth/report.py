@@ -87,6 +87,7 @@ class ChampionEvaluation:
     y_true: np.ndarray
     probabilities: np.ndarray
     metrics: dict
+    provider: str = "CPUExecutionProvider"  # the onnxruntime provider that ran the model
 
     @property
     def cancer_score(self) -> np.ndarray:
@@ -95,11 +96,14 @@ class ChampionEvaluation:
         return self.probabilities[:, positive_class_ids(self.classes)].sum(axis=1)
 
 
-def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes: list[str], batch: int = 64) -> ChampionEvaluation:
-    """Run the exported model over one prepared split (preprocess_bytes inside ImageDataset)."""
+def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes: list[str], batch: int = 64,
+                           device: str = "auto") -> ChampionEvaluation:
+    """Run the exported model over one prepared split (preprocess_bytes inside ImageDataset).
+    `device`: a ctsynth.device setting; CUDA runs it with onnxruntime's CUDA provider where present."""
     from ctsynth.classifier.evaluate import classification_metrics
     from ctsynth.data.mixing import ImageDataset, real_split
-    from ctsynth.export import cpu_session, read_onnx_info
+    from ctsynth.device import resolve_device
+    from ctsynth.export import device_session, read_onnx_info
 
     info = read_onnx_info(onnx_model)
     if list(info.classes) != list(classes):
@@ -107,11 +111,12 @@ def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes
     items = real_split(prepared, split, classes)
     inputs = ImageDataset(items, info.resolution).inputs.numpy()
     labels = np.array([classes.index(item.label) for item in items], dtype=np.int64)
-    session = cpu_session(onnx_model)
+    session, provider = device_session(onnx_model, resolve_device(device))
+    log.info("champion ONNX evaluation on %s with %s", split, provider)
     logits = np.concatenate([session.run(["logits"], {"image": inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)])
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    return ChampionEvaluation(list(classes), labels, probabilities, classification_metrics(labels, probabilities, list(classes)))
+    return ChampionEvaluation(list(classes), labels, probabilities, classification_metrics(labels, probabilities, list(classes)), provider)
 
 
 def roc_points(is_positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -345,6 +350,7 @@ def champion_section(study: dict, evaluation: ChampionEvaluation, onnx_model: Pa
         ["@champion", _e(registered.get("reason", "")) if registered else "n/a"],
         ["ONNX file", _e(onnx_model.name)],
         ["ONNX vs PyTorch max |Δ logit|", _number(parity.get("parity_max_abs_logit_diff"), 7)],
+        ["ONNX evaluated with", _e(evaluation.provider)],
     ]
     metric_rows = [[_e(m.replace("_", " ")), _number(evaluation.metrics.get(m))] for m in TABLE_METRICS]
     title = f"champion on test (n={evaluation.metrics['n']})"
@@ -383,7 +389,8 @@ def render_report(params: Params, root: Path, inputs: ReportInputs | None = None
     validation = json.loads(inputs.validation_summary.read_text())
     synthetic = json.loads(inputs.synthetic_metrics.read_text())
     study = json.loads(inputs.study.read_text())
-    evaluation = evaluation or evaluate_onnx_on_split(inputs.onnx_model, inputs.prepared, "test", params.data.classes)
+    evaluation = evaluation or evaluate_onnx_on_split(inputs.onnx_model, inputs.prepared, "test", params.data.classes,
+                                                      device=params.classifier.device)
     gan = "".join(_figure((inputs.gan_report / name).read_bytes(), caption) for name, caption in GAN_FIGURES)
     sections = [
         ("Data validation", validation_section(validation)),

@@ -4,7 +4,7 @@ are computed once and every later run (other seeds, other ratios, other heads) r
 Layout: <cache root>/<backbone key>/<image sha256>.npy (float32, D values), where
 backbone key = sha256(backbone name, sha256 of its weights, input resolution, precision), and
 <image sha256> is the hash of the image file's bytes. Any change of image content, weights (also a
-different random init), resolution or precision is a different key, so a stale entry is never read.
+different random init), resolution, precision or device (GPU features are kept apart) is a different key, so a stale entry is never read.
 Entries are written atomically (temp file + rename), so parallel sweep items can share the cache.
 """
 
@@ -36,7 +36,7 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def backbone_key(name: str, weights_fingerprint: str, resolution: int, precision: str) -> str:
+def backbone_key(name: str, weights_fingerprint: str, resolution: int, precision: str, device_type: str = "cpu") -> str:
     identity = {
         "format": CACHE_FORMAT_VERSION,
         "backbone": name,
@@ -44,17 +44,23 @@ def backbone_key(name: str, weights_fingerprint: str, resolution: int, precision
         "resolution": resolution,
         "precision": precision,
     }
+    # Features computed on a GPU differ from the CPU's in the last bits (other kernels), so they are
+    # kept apart; the CPU key is the one written before devices existed, so CPU entries stay valid.
+    if device_type != "cpu":
+        identity["device"] = device_type
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def extract_features(backbone: Backbone, inputs: torch.Tensor, precision: str, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """Backbone features N x D (float32) for model inputs N x 1 x R x R, in `precision`."""
+    """Backbone features N x D (float32, on the CPU) for model inputs N x 1 x R x R, in `precision`,
+    computed on the backbone's device."""
+    device = next(backbone.parameters(), torch.empty(0)).device
     prepare_for_inference(backbone, precision)
     outputs = []
-    with inference_mode(precision):
+    with inference_mode(precision, device.type):
         for start in tqdm(range(0, len(inputs), batch_size), desc=f"features {backbone.name} {precision}", disable=not progress, leave=False):
-            chunk = to_inference_input(inputs[start : start + batch_size], precision)
-            outputs.append(backbone(chunk).float())
+            chunk = to_inference_input(inputs[start : start + batch_size].to(device), precision)
+            outputs.append(backbone(chunk).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, backbone.out_features)
 
 
@@ -71,7 +77,8 @@ class FeatureCache:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        self.key = backbone_key(self.backbone.name, self.backbone.weights_fingerprint(), self.resolution, self.precision)
+        device_type = next(self.backbone.parameters(), torch.empty(0)).device.type
+        self.key = backbone_key(self.backbone.name, self.backbone.weights_fingerprint(), self.resolution, self.precision, device_type)
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "key.json"
         if not meta.exists():  # for a person browsing the cache
@@ -122,6 +129,12 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
         raise
 
 
+def _device_identity(backbone: Backbone) -> dict:
+    """{} on the CPU (so stored CPU decisions stay valid), else {"device": "cuda"}."""
+    device_type = next(backbone.parameters(), torch.empty(0)).device.type
+    return {} if device_type == "cpu" else {"device": device_type}
+
+
 def decide_feature_precision(
     root: Path,
     backbone: Backbone,
@@ -138,6 +151,7 @@ def decide_feature_precision(
     identity = {
         "backbone": backbone.name,
         "weights": backbone.weights_fingerprint(),
+        **_device_identity(backbone),
         "resolution": resolution,
         "valid": sorted(file_sha256(item.path) for item in valid_items),
         "requested": requested,

@@ -29,11 +29,11 @@ def cpu_supports_bf16() -> bool:
 
 
 @contextlib.contextmanager
-def inference_mode(precision: str) -> Iterator[None]:
-    """no_grad, plus bf16 autocast when precision == 'bf16'."""
+def inference_mode(precision: str, device_type: str = "cpu") -> Iterator[None]:
+    """no_grad, plus bf16 autocast (on `device_type`, where the tensors are) when precision == 'bf16'."""
     with torch.inference_mode():
         if precision == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
                 yield
         else:
             yield

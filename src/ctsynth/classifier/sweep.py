@@ -32,6 +32,7 @@ from ctsynth.classifier.evaluate import METRIC_NAMES, item_files, plot_confusion
 from ctsynth.classifier.train import TrainResult, train_classifier
 from ctsynth.config import Params
 from ctsynth.data.mixing import count_by_class_and_source, load_arm_data, real_split, training_set
+from ctsynth.device import record_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,13 @@ def data_fingerprint(*folders: Path | None) -> str:
 
 
 def sweep_id(params: Params, data_hash: str) -> str:
-    identity = {"classifier": params.classifier.model_dump(), "classes": params.data.classes, "data": data_hash}
+    # The device enters as where the items train, not as the setting: "auto" and "cpu" on a machine
+    # without CUDA give bit-identical results and the same id (the id of CPU sweeps from before the
+    # setting existed); a GPU's results differ in the last bits, so a GPU sweep is its own sweep.
+    identity = {"classifier": params.classifier.model_dump(exclude={"device"}), "classes": params.data.classes, "data": data_hash}
+    device_type = resolve_device(params.classifier.device).type
+    if device_type != "cpu":
+        identity["device"] = device_type
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -236,6 +243,7 @@ def run_sweep_item(
         mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "arm": item.arm, "ratio": label, "seed": item.seed,
                            "n_train": len(train_items), "n_valid": len(valid_items), "n_test": len(test_items),
                            "train_counts": json.dumps(counts)})
+        record_device(params.classifier.device, resolve_device(params.classifier.device))
         result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, item.seed, progress=progress)
         for record in result.history:
             # curve/... so the per-epoch series never mix with the final valid_/test_ values

@@ -36,6 +36,7 @@ from ctsynth.classifier.precision import (
     to_inference_input,
 )
 from ctsynth.config import ClassifierParams
+from ctsynth.device import resolve_device
 from ctsynth.data.mixing import ImageDataset, ImageItem
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,20 @@ def make_optimizer(params: ClassifierParams, parameters) -> torch.optim.Optimize
 
 
 def predict_probabilities(module: nn.Module, inputs: torch.Tensor, precision: str = "fp32", batch_size: int = 64) -> torch.Tensor:
-    """softmax(module(inputs)) in eval mode, float32 out."""
+    """softmax(module(inputs)) in eval mode, float32 out, on the CPU (inputs go to the module's device)."""
+    device = _module_device(module)
     prepare_for_inference(module, precision)
     outputs = []
-    with inference_mode(precision):
+    with inference_mode(precision, device.type):
         for start in range(0, len(inputs), batch_size):
-            logits = module(to_inference_input(inputs[start : start + batch_size], precision))
-            outputs.append(torch.softmax(logits.float(), dim=1))
+            logits = module(to_inference_input(inputs[start : start + batch_size].to(device), precision))
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
     module.to(memory_format=torch.contiguous_format)
     return torch.cat(outputs)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
 
 
 def _score(monitor: str, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> tuple[float, dict]:
@@ -109,7 +115,10 @@ def fit(
 ) -> tuple[list[dict], int]:
     """Train `module` with early stopping on validation; leaves it holding the best epoch's weights.
 
+    Batches go to the module's device; the loader and its shuffling stay on the CPU, so the batch
+    order of a seed is the same on every device.
     Returns (per-epoch history, best epoch, 1-based)."""
+    device = _module_device(module)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_data, batch_size=params.batch_size, shuffle=True, generator=generator, drop_last=len(train_data) > params.batch_size)
     optimizer = make_optimizer(params, module.parameters())
@@ -122,6 +131,7 @@ def fit(
         module.train()
         total_loss, correct, seen = 0.0, 0, 0
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = module(x)
             loss = loss_fn(logits, y)
@@ -168,7 +178,9 @@ def train_classifier(
     started = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = build_classifier(params, len(classes))
+    # Built (and initialised from the seed) on the CPU, then moved: the initial weights of a seed
+    # do not depend on the device.
+    model = build_classifier(params, len(classes)).to(resolve_device(params.device))
     valid_labels = torch.tensor([item.label_id for item in valid_items])
     test_labels = torch.tensor([item.label_id for item in test_items])
     precision: dict = {}
@@ -207,7 +219,7 @@ def train_classifier(
         valid_probabilities = predict_probabilities(model, valid_inputs, decision.precision)
         test_probabilities = predict_probabilities(model, test_inputs, decision.precision)
 
-    model.eval()
+    model.eval().cpu()  # the trained model goes back to the CPU for saving, export and selection
     n_parameters = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = TrainResult(

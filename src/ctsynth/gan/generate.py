@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ctsynth.device import record_device, resolve_device
 from ctsynth.gan.checkpoint import FINAL_NETWORK, build_networks, check_network_format, load_checkpoint
 from ctsynth.gan.grid import one_hot, to_uint8
 from ctsynth.gan.networks import Generator
@@ -46,7 +47,7 @@ class LoadedGenerator:
     path: Path
 
 
-def load_generator(path: Path, device: str = "cpu") -> LoadedGenerator:
+def load_generator(path: Path, device: str | torch.device = "cpu") -> LoadedGenerator:
     """network-final.pt or a training snapshot -> its EMA generator, in eval mode."""
     state = load_checkpoint(path, map_location=device)
     check_network_format(state, path)
@@ -118,7 +119,10 @@ def class_centre(G: Generator, class_index: int, samples: int = CENTRE_SAMPLES) 
 def synthesize(G: Generator, z: torch.Tensor, class_index: int, psi: float, noise_mode: str,
                centre: torch.Tensor | None = None) -> torch.Tensor:
     """Images of one class; truncation towards the class centre for a conditional G."""
-    c = one_hot(torch.full((len(z),), class_index, dtype=torch.long), G.c_dim)
+    device = next(G.parameters()).device
+    # Latents are drawn on the CPU (seeded per image), so the same seed gives the same z on any device.
+    z = z.to(device)
+    c = one_hot(torch.full((len(z),), class_index, dtype=torch.long), G.c_dim).to(device)
     if psi == 1 or not G.c_dim:
         return G(z, c, psi=psi, noise_mode=noise_mode)
     if centre is None:
@@ -173,10 +177,14 @@ def generate_images(
     batch: int = 32,
     progress: bool = True,
     snapshot: str = "final",
+    device: str = "auto",
 ) -> pd.DataFrame:
     """Write out_dir/<class>/seed<S>-<i>.png and out_dir/manifest.csv; returns the manifest.
-    `gan_dir`: a train_gan output folder (conditional or per class) or one network file."""
+    `gan_dir`: a train_gan output folder (conditional or per class) or one network file.
+    `device`: a ctsynth.device setting (auto = CUDA when available, else CPU)."""
     out_dir = Path(out_dir)
+    torch_device = resolve_device(device)
+    record_device(device, torch_device)  # logged; tagged too when the caller has an MLflow run open
     networks = find_networks(gan_dir, classes, snapshot)
     claim_output_folder(out_dir, _planned_files(classes, per_class, seed))
     loaded: dict[Path, LoadedGenerator] = {}
@@ -185,7 +193,7 @@ def generate_images(
     for class_id, name in enumerate(classes):
         path, index_in_network = networks[name]
         if path not in loaded:
-            loaded[path] = load_generator(path)
+            loaded[path] = load_generator(path, torch_device)
         gen = loaded[path]
         if gen.cfg.c_dim and gen.classes[index_in_network] != name:
             raise ValueError(f"{path} was trained with classes {gen.classes}; cannot find {name!r} at {index_in_network}")
