@@ -9,9 +9,9 @@ per evaluation into ``--out``. Used to choose the CPU preset and its training le
 quality per kimg is the same on any device, so several variants can be compared quickly on a
 GPU and then priced with ``benchmarks/gan_throughput.py`` on the CPU.
 
-    PYTHONPATH=src python benchmarks/gan_convergence.py --data data/prepared --out /tmp/conv/cpu64 \\
+    PYTHONPATH=src python benchmarks/gan_convergence.py --data data/prepared --out runs/conv/cpu64 \\
         --preset cpu64 --kimg 20 --eval-kimg 2
-    PYTHONPATH=src python benchmarks/gan_convergence.py --data data/prepared --out /tmp/conv/lr5 \\
+    PYTHONPATH=src python benchmarks/gan_convergence.py --data data/prepared --out runs/conv/lr5 \\
         --preset cpu64 --set lr=0.005 --device cuda --kimg 40
 """
 

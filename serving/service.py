@@ -18,7 +18,7 @@ Limits, codes and the memory budget they add up to: docs/serving.md.
 /predict is a FastAPI route mounted on the BentoML service rather than a `@bentoml.api`: that API
 layer parses the multipart body a second time and writes every upload to a temporary file, and
 with the model in a second service each image crossed two processes. On 2 cores that capped the
-service at ~0.22 of the model's in-process throughput (README, Serving). BentoML still runs the
+service at ~0.22 of the model's in-process throughput (docs/serving.md). BentoML still runs the
 server: workers, traffic limits, /livez, /readyz, /metrics, tracing, access logs, and the OpenAPI
 document, into which the FastAPI route is merged.
 

@@ -81,6 +81,7 @@ def test_phase_losses_on_a_toy_pair_equal_hand_values() -> None:
     # R1: dD/dx = a / (H W) per pixel -> ||grad||^2 = a^2 / (H W) = 4 / 16
     r1 = loss.compute("Dreg", real, None, gen_z, None)
     assert float(r1.stats["Loss/r1_penalty"]) == pytest.approx(4 / 16, rel=1e-6)
+    torch.testing.assert_close(r1.real_logits, torch.tensor([[3.0], [-0.5]]))  # ADA's r_t counts the R1 pass too
     assert r1.loss.item() == pytest.approx(10.0 / 2 * 4 / 16 * 16, rel=1e-6)  # gamma/2 * E|g|^2 * interval
     r1.loss.backward()
     # d/da of gamma/2 * a^2/16 * 16 = gamma * a

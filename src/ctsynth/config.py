@@ -85,7 +85,7 @@ class ValidateParams(Section):
 
 
 class ClassifierParams(Section):
-    """One classifier training run (`train_classifier` stage). README: "Classifier"."""
+    """One classifier training run (`train_classifier` stage). docs/study.md."""
 
     backbone: str = "smallcnn"  # resnet18 | resnet34 | resnet50 | smallcnn
     weights: str = "none"  # imagenet (torchvision's local cache) | none | a file path

@@ -1,6 +1,6 @@
 """ONNX export of a classifier and the check that onnxruntime answers like PyTorch.
 
-The exported file is the contract serving relies on (DESIGN.md):
+The exported file is the contract serving relies on:
 
     input  `image`   float32 N x 1 x R x R, already preprocessed by ctsynth.data.preprocess
     output `logits`  float32 N x C

@@ -84,7 +84,8 @@ class PhaseOutput:
     ``loss``: scalar to ``backward()`` (regularisers already multiplied by their
     interval). ``stats``: detached 0-d tensors keyed like ``'Loss/D/real'``
     (call ``float()`` only when logging, to avoid a device sync per step).
-    ``real_logits``: ``D(aug(x_real))`` from ``Dmain``, for ``AdaptiveP``.
+    ``real_logits``: ``D(aug(x_real))`` of a phase that shows D real images (``Dmain`` and
+    ``Dreg``), for ``AdaptiveP``'s r_t.
     """
 
     loss: torch.Tensor
@@ -252,6 +253,7 @@ class StyleGAN2Loss:
         return PhaseOutput(
             loss,
             {"Loss/r1_penalty": penalty.detach().mean(), "Loss/D/reg": penalty.detach().mean() * (self.r1_gamma / 2)},
+            real_logits=real_logits.detach(),  # ADA's r_t counts this pass on real images too
         )
 
     # -- persistence ----------------------------------------------------------
