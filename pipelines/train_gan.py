@@ -50,6 +50,22 @@ def refuse_incompatible_state(folder: Path, cfg: GANConfig) -> None:
         )
 
 
+def choose_training_precision(cfg: GANConfig, setting: str, device) -> tuple[GANConfig, dict[str, str]]:
+    """gan.precision: fp32 as configured, or auto: measured fp32 vs bf16 on this machine (cached).
+    Returns the config to train and MLflow tags holding the choice and both step times."""
+    if setting != "auto":
+        return cfg, {"precision": "fp32" if cfg.num_bf16_res == 0 else f"bf16 top {cfg.num_bf16_res} resolutions (overrides)"}
+    if dist.is_initialized():  # the measurement runs single-process steps: not inside a process group
+        log.warning("gan.precision auto is not measured under torchrun; training as configured (num_bf16_res %d)", cfg.num_bf16_res)
+        return cfg, {"precision": "as configured (torchrun)"}
+    from ctsynth.gan.precision import choose_precision
+
+    choice = choose_precision(cfg, device=str(device))
+    log.info("precision: %s", choice.reason)
+    chosen = GANConfig.from_dict(cfg.to_dict() | {"num_bf16_res": choice.num_bf16_res})
+    return chosen, {key: str(value) for key, value in choice.mlflow_params().items()}
+
+
 def write_reports(params, cfg: GANConfig, data, out_dir: Path, report_dir: Path) -> None:
     gan, classes = params.gan, params.data.classes
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -97,10 +113,11 @@ def main() -> None:
     for folder in [out_dir] if not gan.per_class else [out_dir / c for c in classes]:
         refuse_incompatible_state(folder, GANConfig.from_dict(cfg.to_dict() | {"c_dim": 0 if gan.per_class else len(classes)}))
 
+    cfg, precision_tags = choose_training_precision(cfg, gan.precision, device)
     data = load_training_data(root / params.data.prepared, classes, resolution)
     options = TrainOptions(
         out_dir=out_dir, classes=classes, resume="auto", snap_keep=gan.snap_keep, tick_kimg=gan.tick_kimg,
-        device=device, mlflow_tags={"stage": "train_gan", "preset": gan.preset}, allow_tf32=gan.allow_tf32,
+        device=device, mlflow_tags={"stage": "train_gan", "preset": gan.preset, **precision_tags}, allow_tf32=gan.allow_tf32,
         init_from=root / gan.init_from if gan.init_from else None, freeze_d=gan.freeze_d,
         snapshot_kid=gan.snapshot_kid, quality=params.synthetic,
     )

@@ -76,3 +76,22 @@ def test_real_parity_measurement_with_bf16_forced(tmp_path, monkeypatch) -> None
     fp32_s, bf16_s, error = precision._measure(cfg, 2, "cpu", steps=1, warmup=0)
     assert fp32_s > 0 and bf16_s > 0
     assert 0 < error < BF16_NOISE_FRACTION
+
+
+def test_train_gan_stage_precision_setting_reaches_the_config_and_the_mlflow_tags(tmp_path, monkeypatch) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_gan_stage", Path(__file__).resolve().parents[1] / "pipelines" / "train_gan.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.setenv("CTSYNTH_CACHE_DIR", str(tmp_path))
+    cfg = make_config("tiny", 16, c_dim=2, batch=4, mbstd=2)
+
+    same, tags = stage.choose_training_precision(cfg, "fp32", "cpu")
+    assert same is cfg and tags == {"precision": "fp32"}
+
+    chosen, tags = stage.choose_training_precision(cfg, "auto", "cpu")
+    assert float(tags["precision_fp32_step_s"]) > 0 and tags["precision_reason"]
+    assert chosen.num_bf16_res == int(tags["precision_num_bf16_res"])  # what was chosen is what trains
+    assert (tmp_path / "gan_precision.json").is_file()  # cached per machine

@@ -262,6 +262,9 @@ class GanParams(Section):
     freeze_d: int = Field(0, ge=0)  # Freeze-D: keep the first k (highest-resolution) D blocks fixed
     snapshot_kid: bool = True  # KID (pixel-PCA feature space) with its real floor at every snapshot
     allow_tf32: bool = False  # TF32 on Ampere+ GPUs (faster, less precise); recorded in MLflow
+    # fp32, or auto: time a short fp32 and bf16 step on this machine at start-up (cached per machine,
+    # ctsynth.gan.precision) and train in bf16 only where it is faster and passes the parity check
+    precision: Literal["fp32", "auto"] = "fp32"
     allow_outside_repo: bool = False  # out/report outside the repository only when set
 
 
