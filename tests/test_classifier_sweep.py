@@ -53,6 +53,11 @@ def test_each_item_writes_metrics_and_weights_and_is_a_child_of_one_parent(sweep
     assert child.data.metrics["test_accuracy"] == pytest.approx(record["test"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"confusion_matrix_test.png", "model", "synthetic_r0.5_s1.json", "details"} <= artifacts
+    # lineage: the item's data folders are its dataset inputs (no DVC record here, so "untracked")
+    read = {d.dataset.name: d.dataset.digest for d in child.inputs.dataset_inputs}
+    assert read == {"data/prepared": "untracked", "data/synthetic": "untracked"}
+    baseline = client.get_run(outputs[(0.0, 1)].run_id)
+    assert {d.dataset.name for d in baseline.inputs.dataset_inputs} == {"data/prepared"}
 
 def test_sweep_items_cross_arms_ratios_seeds_with_one_baseline_per_seed():
     from ctsynth.classifier.sweep import SweepItem, sweep_items

@@ -243,6 +243,10 @@ def run_sweep_item(
         mlflow.log_params({**_flat(params.classifier.model_dump(), "classifier."), "arm": item.arm, "ratio": label, "seed": item.seed,
                            "n_train": len(train_items), "n_valid": len(valid_items), "n_test": len(test_items),
                            "train_counts": json.dumps(counts)})
+        # lineage: the data versions this item read, as MLflow dataset inputs digested by DVC's hash
+        read = [params.data.prepared] + [params.sweep.synthetic] * (item.arm in ("synthetic", "synthetic_only")) \
+            + [params.sweep.oracle] * (item.arm == "oracle")
+        tracking.log_lineage(read, context="training", root=root)
         record_device(params.classifier.device, resolve_device(params.classifier.device))
         result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, item.seed, progress=progress)
         for record in result.history:
