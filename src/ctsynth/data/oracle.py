@@ -76,11 +76,14 @@ def build_oracle(params: Params, root: Path, workers: int = 2) -> Path:
         if unknown:
             raise ValueError(f"the phantom simulates {list(PHANTOM_CLASSES)} only, not {unknown}; use sweep.oracle_source: holdout")
         with tempfile.TemporaryDirectory(prefix="ctsynth-oracle-") as tmp:
-            write_phantom_dataset(Path(tmp), seed=params.sweep.oracle_seed, workers=workers, counts={"train": {c: counts[c] for c in classes}})
+            raw, prepared_tmp = Path(tmp) / "raw", Path(tmp) / "prepared"
+            write_phantom_dataset(raw, seed=params.sweep.oracle_seed, workers=workers, counts={"train": {c: counts[c] for c in classes}})
             data = params.data.model_copy(update={"splits": ["train"]})
-            result = prepare_dataset(Path(tmp), out, data)
+            # prepared beside the raw slices, then copied in: `prepare` writes only into folders it owns
+            result = prepare_dataset(raw, prepared_tmp, data)
             if not result.ok:
                 raise RuntimeError(f"preparing the oracle's phantom images failed: {result.errors}")
+            shutil.copytree(prepared_tmp, out, dirs_exist_ok=True)
         log.info("oracle pool: %s new phantom images (seed %d) in %s", counts, params.sweep.oracle_seed, out)
         return manifest
     # holdout: copy a seeded share of each class's prepared train images
