@@ -157,3 +157,20 @@ def test_noise_does_not_help_and_a_copy_of_the_real_images_equals_duplicate(data
     assert not (versus_noise.p_value < 0.05 and versus_noise.difference > 0), versus_noise
     versus_copy = paired_bootstrap("balanced_accuracy", labels, copied, duplicate, CLASSES, replicates=1000)
     assert versus_copy.p_value >= 0.05 and versus_copy.low <= 0 <= versus_copy.high, versus_copy
+
+
+def test_oracle_phantom_pool_is_new_prepared_slices_and_a_rerun_replaces_it(data, tmp_path):
+    from ctsynth.data.oracle import build_oracle
+
+    _, prepared, _, _ = data
+    params = Params.model_validate({"data": {"prepared": str(prepared), "resolution": 16},
+                                    "sweep": {"ratios": [0.0, 0.5], "oracle_source": "phantom", "oracle": str(tmp_path / "oracle")}})
+    for _ in range(2):  # the second run replaces the first run's output (prepare never writes into it directly)
+        build_oracle(params, tmp_path)
+        pool, held_out = oracle_pool(tmp_path / "oracle", CLASSES)
+        assert {c: len(pool[c]) for c in CLASSES} == {"normal": 5, "squamous": 6} and not held_out  # round(0.5 x n_c)
+        import hashlib
+
+        real = {hashlib.sha256(p.read_bytes()).digest() for p in prepared.rglob("*.png")}
+        oracle = [hashlib.sha256(item.path.read_bytes()).digest() for c in CLASSES for item in pool[c]]
+        assert len(set(oracle)) == len(oracle) and not set(oracle) & real  # new genuine images, none a copy
