@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ctsynth.device import cpu_model
 from ctsynth.gan.networks import bf16_supported, set_speed_options
 from ctsynth.gan.ops import extension_status, fused_ops_enabled
 from ctsynth.gan.ops.fused import load_extension
@@ -204,18 +205,6 @@ def run_arm(arm: str, cfg: GANConfig, args: argparse.Namespace, device: torch.de
 
 
 GOALS = (("bench64", {}, 0.60), ("cpu64", {"c_dim": 2, "fixed_p": 0.2}, 0.50))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def profile_arm(cfg: GANConfig, steps: int, device: torch.device, rows: int = 25) -> None:

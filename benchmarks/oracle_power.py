@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,17 +25,10 @@ from ctsynth.data.ingest import prepare_dataset
 from ctsynth.data.mixing import load_arm_data, real_split, training_set
 from ctsynth.data.oracle import build_oracle
 from ctsynth.data.phantom import write_phantom_dataset
+from ctsynth.device import cpu_model
 from ctsynth.logs import setup_logging
 
 log = logging.getLogger("oracle_power")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001 (a label only)
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from PIL import Image
 from ctsynth.classifier.train import train_classifier
 from ctsynth.config import ClassifierParams
 from ctsynth.data.mixing import mix_training_set, real_split, synthetic_pool
+from ctsynth.device import cpu_model
 
 CLASSES = ["normal", "squamous"]
 
@@ -101,13 +101,6 @@ setup_logging("WARNING")
 arm, ratio, seed, params, root = sys.argv[1:]
 run_sweep_item(load_params(params), SweepItem(arm, float(ratio), int(seed)), Path(root), progress=False)
 """
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def compare_executor(workdir: Path, ratios: list[float], seeds: list[int]) -> None:

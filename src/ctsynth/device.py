@@ -47,7 +47,8 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for every speed figure and cache key that names the machine."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -65,7 +66,7 @@ def device_description(device: torch.device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_model()
+    return cpu_model()
 
 
 def record_device(setting: str, device: torch.device) -> dict[str, str]:

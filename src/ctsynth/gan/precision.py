@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ctsynth.device import cpu_model
 from ctsynth.gan.presets import GANConfig
 
 __all__ = [
@@ -209,19 +209,9 @@ def _measure(cfg: GANConfig, candidate: int, device: str, steps: int, warmup: in
     return fp32_s, bf16_s, error
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cache_key(cfg: GANConfig, candidate: int, device: str) -> str:
     """CPU (or GPU) model, torch version, threads, device and the configuration's shape."""
-    hardware = _cpu_model()
+    hardware = cpu_model()
     if torch.device(device).type == "cuda":
         hardware += " / " + torch.cuda.get_device_name(torch.device(device))
     shape = {name: getattr(cfg, name) for name in _SHAPE_FIELDS} | {"candidate_bf16_res": candidate}
