@@ -10,12 +10,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(STAMP)
 
-# torch/torchvision first and pinned: an unpinned resolver may pick a multi-GB CUDA build.
+# torch/torchvision first and pinned: an unpinned resolver may pick a multi-GB CUDA build. The ray extra
+# is installed too, so the tests run the sweep on a real local Ray cluster (sweep.executor: ray).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	touch $@
 
 # The embedded default data: a deterministic chest-CT phantom in the Kaggle layout. Its hash is
