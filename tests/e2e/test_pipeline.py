@@ -137,18 +137,22 @@ def test_sweep_summary_and_registered_champion(study):
     repo, env, _, _ = study
     from mlflow import MlflowClient
 
+    from ctsynth.classifier.sweep import sweep_items
+    from ctsynth.config import load_params
+
     params = yaml.safe_load(TINY_PARAMS.read_text())
     summary = json.loads((repo / "metrics/summary.json").read_text())
-    assert sorted(float(r) for r in summary["ratios"]) == sorted(params["sweep"]["ratios"])
-    assert summary["n_runs"] == len(params["sweep"]["ratios"]) * len(params["sweep"]["seeds"])
-    assert "test_accuracy_minus_baseline" in summary["ratios"]["0.5"]
-    champion = summary["champion"]
+    assert summary and all(isinstance(v, (int, float)) for v in summary.values())  # DVC metrics: numbers only
+    assert {"real", "synthetic", "duplicate", "gan_test", "champion_test"} <= set(summary)
+    details = json.loads((repo / "reports/study.json").read_text())
+    assert details["n_items"] == len(sweep_items(load_params(TINY_PARAMS)))  # every arm x ratio x seed
+    assert {c["arm"] for c in details["comparisons"]} >= {"synthetic", "oracle"} and details["verdicts"]
+    champion = details["champion"]
     registered = champion["registered"]
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    version = client.get_model_version_by_alias(registered["name"], registered["alias"])
-    assert (registered["name"], registered["alias"]) == ("ctsynth-classifier", "champion")
-    assert str(version.version) == str(registered["version"])
-    assert version.tags.get("source_run_id") == champion["run_id"]
+    version = client.get_model_version_by_alias("ctsynth-classifier", "champion")
+    assert registered["name"] == "ctsynth-classifier" and str(version.version) == str(registered["version"])
+    assert version.tags.get("source_run_id") == champion["run_id"] and version.tags.get("arm") == champion["arm"]
     # the exported ONNX file over the prepared test split (the report's path) gives the champion's test metrics
     from ctsynth.report import evaluate_onnx_on_split
 
@@ -162,11 +166,12 @@ def test_report_is_self_contained_and_logged_to_the_sweep_parent_run(study):
     from mlflow import MlflowClient
 
     page = (repo / "reports/summary.html").read_text()
-    for heading in ("Data validation", "GAN training", "Synthetic-data quality", "Synthetic ratio sweep", "Champion classifier"):
+    for heading in ("Data validation", "GAN training", "Synthetic-data quality", "The study: arms x ratios x seeds", "Champion classifier"):
         assert heading in page
-    assert page.count("data:image/png;base64,") == 7  # 3 GAN figures, nearest neighbours, ratio plot, confusion, ROC
+    # 3 GAN figures, nearest neighbours, class-signal plot, arms plot, confusion, ROC
+    assert page.count("data:image/png;base64,") == 8
     assert "src=\"http" not in page and "href=\"http" not in page  # nothing to fetch
-    parent = json.loads((repo / "metrics/summary.json").read_text())["champion"]["run_id"]
+    parent = json.loads((repo / "reports/study.json").read_text())["champion"]["run_id"]
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     parent_run_id = client.get_run(parent).data.tags["mlflow.parentRunId"]
     logged = [a.path for a in client.list_artifacts(parent_run_id, "report")]
@@ -201,7 +206,7 @@ def test_served_champion_answers_predict(study, tmp_path):
         assert body["label"] in classes
         assert list(body["probabilities"]) == classes
         assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-        registered = json.loads((repo / "metrics/summary.json").read_text())["champion"]["registered"]
+        registered = json.loads((repo / "reports/study.json").read_text())["champion"]["registered"]
         assert body["model"] == {"name": "ctsynth-classifier", "version": str(registered["version"])}
     finally:
         server.stop()
