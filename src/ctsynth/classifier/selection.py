@@ -307,7 +307,8 @@ def flat_summary(statistics: dict, champion: dict, gan: dict | None) -> dict:
     comparisons, the minimum detectable effect, GAN-test, and the champion's test metric."""
     metric = statistics["metric"]
     arms = statistics["arms"]
-    top = max((e["ratio"] for e in arms.values()), default=0.0)
+    # synthetic_only sits at ratio 1 whatever the sweep's ratios are: the top ratio is the other arms'
+    top = max((e["ratio"] for e in arms.values() if e["arm"] != "synthetic_only"), default=0.0)
     flat: dict = {}
     for key, entry in arms.items():
         if entry["ratio"] in (0.0, top) or entry["arm"] == "synthetic_only":
