@@ -47,6 +47,9 @@ def test_dvc_repro_reuses_items_and_reruns_only_a_changed_seed(tmp_path):
     shutil.copy2(REPO / "pipelines" / f"{STAGE}.py", repo / "pipelines")
     write_prepared(repo, {"train": (12, 12), "valid": (4, 4), "test": (5, 5)}, size=16)
     write_synthetic(repo, per_class=8, size=16)
+    # the stage depends on the oracle stage's folder; these items (arm synthetic) never read it
+    (repo / "data" / "oracle").mkdir(parents=True)
+    (repo / "data" / "oracle" / "NOTE").write_text("no oracle pool: the oracle arm is not in this sweep\n")
     write_params(repo, seeds=[0, 1])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo / "src"),
