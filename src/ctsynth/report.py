@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctsynth.config import Params
+from ctsynth.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +53,19 @@ class ReportInputs:
 
     @classmethod
     def from_params(cls, params: Params, root: Path) -> "ReportInputs":
-        def under(path: str) -> Path:
-            return Path(path) if Path(path).is_absolute() else root / path
-
-        synthetic_report = under(params.synthetic.report)
+        synthetic_report = resolve(params.synthetic.report, root)
         return cls(
-            validation_summary=under(params.validation.report) / "details.json",  # summary.json holds only DVC's few numbers
-            gan_report=under(params.gan.report),
+            validation_summary=resolve(params.validation.report, root) / "details.json",  # summary.json holds only DVC's few numbers
+            gan_report=resolve(params.gan.report, root),
             synthetic_metrics=synthetic_report / "details.json",
             nearest_neighbours=synthetic_report / "nearest_neighbours.png",
-            sweep_summary=under(params.select.summary),
-            sweep_table=under(params.select.report),
-            ratio_plot=under(params.select.plot),
-            study=under(params.select.details),
-            signal_plot=under(params.select.signal_plot),
-            onnx_model=under(params.select.onnx),
-            prepared=under(params.data.prepared),
+            sweep_summary=resolve(params.select.summary, root),
+            sweep_table=resolve(params.select.report, root),
+            ratio_plot=resolve(params.select.plot, root),
+            study=resolve(params.select.details, root),
+            signal_plot=resolve(params.select.signal_plot, root),
+            onnx_model=resolve(params.select.onnx, root),
+            prepared=resolve(params.data.prepared, root),
         )
 
     def required(self) -> list[Path]:

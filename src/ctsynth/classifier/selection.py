@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctsynth.paths import resolve
 from ctsynth.classifier.evaluate import METRIC_NAMES, read_item_details
 from ctsynth.classifier.stats import (
     holm,
@@ -345,13 +346,10 @@ def run_select(params, root: Path) -> dict:
     from ctsynth.data.mixing import ImageDataset, real_split
     from ctsynth.export import check_parity, export_onnx
 
-    def under(path: str) -> Path:
-        return Path(path) if Path(path).is_absolute() else root / path
-
     select = params.select
-    records = load_sweep_records(params, under(params.sweep.metrics_dir))
+    records = load_sweep_records(params, resolve(params.sweep.metrics_dir, root))
     table = sweep_table(records)
-    report = under(select.report)
+    report = resolve(select.report, root)
     report.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(report, index=False, float_format="%.6f")
 
@@ -372,22 +370,22 @@ def run_select(params, root: Path) -> dict:
         "test": {m: float(best[f"test_{m}"]) for m in METRIC_NAMES},
         "ranking": ranking.to_dict(orient="records"),
     }
-    plot_arms(table, study, under(select.plot))
-    plot_signal(study, study["gan_test"], under(select.signal_plot))
-    plot_rows(study).to_csv(under(select.plot_data), index=False, float_format="%.6f")
+    plot_arms(table, study, resolve(select.plot, root))
+    plot_signal(study, study["gan_test"], resolve(select.signal_plot, root))
+    plot_rows(study).to_csv(resolve(select.plot_data, root), index=False, float_format="%.6f")
 
     # Rebuild the chosen run's model from its weights, export it and check onnxruntime against it.
     model = build_classifier(params.classifier, len(classes), structure_only=True)
-    state_path = under(str(best["state_dict"]))
+    state_path = resolve(str(best["state_dict"]), root)
     model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     model.eval()
-    onnx_path = export_onnx(model, params.classifier.resolution, classes, under(select.onnx),
+    onnx_path = export_onnx(model, params.classifier.resolution, classes, resolve(select.onnx, root),
                             extra_metadata={"arm": arm, "ratio": f"{best_ratio:g}", "seed": str(int(best["seed"])), "run_id": str(best["run_id"])})
-    valid_inputs = ImageDataset(real_split(under(params.data.prepared), "valid", classes), params.classifier.resolution).inputs.numpy()
+    valid_inputs = ImageDataset(real_split(resolve(params.data.prepared, root), "valid", classes), params.classifier.resolution).inputs.numpy()
     max_diff = check_parity(model, onnx_path, valid_inputs, atol=select.parity_tolerance)
     study["champion"]["onnx"] = {"path": str(select.onnx), "parity_max_abs_logit_diff": max_diff, "tolerance": select.parity_tolerance, "n_images": int(len(valid_inputs))}
 
-    summary_path, details_path = under(select.summary), under(select.details)
+    summary_path, details_path = resolve(select.summary, root), resolve(select.details, root)
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     details_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -401,9 +399,9 @@ def run_select(params, root: Path) -> dict:
 
         parent = str(best["parent_run_id"]) or None
         if parent:
-            _log_study_to_parent(parent, study, table, report, [under(select.plot), under(select.signal_plot)], root)
+            _log_study_to_parent(parent, study, table, report, [resolve(select.plot, root), resolve(select.signal_plot, root)], root)
         champion_record = next(r for r in records if r["name"] == best["name"])
-        valid_labels = np.array([item.label_id for item in real_split(under(params.data.prepared), "valid", classes)])
+        valid_labels = np.array([item.label_id for item in real_split(resolve(params.data.prepared, root), "valid", classes)])
         decision = promote_if_better(onnx_path, valid_inputs, valid_labels, classes, select.metric, select.promote, root=root)
         version = register_champion(
             onnx_path,

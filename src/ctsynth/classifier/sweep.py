@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ctsynth.paths import resolve
 from ctsynth import tracking
 from ctsynth.classifier.evaluate import METRIC_NAMES, item_files, plot_confusion_matrix, predictions_record, write_item_result
 from ctsynth.classifier.train import TrainResult, train_classifier
@@ -112,8 +113,8 @@ def sweep_id(params: Params, data_hash: str) -> str:
 
 def sweep_data_fingerprint(params: Params, root: Path) -> str:
     """data_fingerprint of the folders this sweep reads (synthetic and oracle only if they have a manifest)."""
-    optional = [_under(root, folder) for folder in (params.sweep.synthetic, params.sweep.oracle)]
-    return data_fingerprint(_under(root, params.data.prepared), *[f if (f / "manifest.csv").exists() else None for f in optional])
+    optional = [resolve(folder, root) for folder in (params.sweep.synthetic, params.sweep.oracle)]
+    return data_fingerprint(resolve(params.data.prepared, root), *[f if (f / "manifest.csv").exists() else None for f in optional])
 
 
 def training_code_fingerprint() -> str:
@@ -143,8 +144,8 @@ def item_paths(params: Params, root: Path, item: SweepItem) -> tuple[Path, Path,
     """(details file, weights file, flat metrics file) of an item: metrics/sweep/details/<name>.json,
     models/classifier/runs/<name>.pt, metrics/sweep/<name>.json. The details file is the item's
     record (cache key, MLflow run, per-test-image predictions); the flat file is what DVC shows."""
-    metrics_path, details_path = item_files(_under(root, params.sweep.metrics_dir), item.name)
-    return details_path, _under(root, params.sweep.runs_dir) / f"{item.name}.pt", metrics_path
+    metrics_path, details_path = item_files(resolve(params.sweep.metrics_dir, root), item.name)
+    return details_path, resolve(params.sweep.runs_dir, root) / f"{item.name}.pt", metrics_path
 
 
 def cached_result(params: Params, root: Path, item: SweepItem, cache_key: str) -> dict | None:
@@ -222,11 +223,11 @@ def run_sweep_item(
     name = item.name
     label = ratio_label(item.ratio)
     classes = params.data.classes
-    prepared_dir = _under(root, params.data.prepared)
-    synthetic_dir = _under(root, params.sweep.synthetic)
+    prepared_dir = resolve(params.data.prepared, root)
+    synthetic_dir = resolve(params.sweep.synthetic, root)
     valid_items = real_split(prepared_dir, "valid", classes)
     test_items = real_split(prepared_dir, "test", classes)
-    real_train, pools = load_arm_data(item.arm, prepared_dir, synthetic_dir, _under(root, params.sweep.oracle), classes)
+    real_train, pools = load_arm_data(item.arm, prepared_dir, synthetic_dir, resolve(params.sweep.oracle, root), classes)
     train_items = training_set(item.arm, real_train, pools, item.ratio, item.seed, classes, params.sweep.classic_augmentation)
     counts = count_by_class_and_source(train_items)
 
@@ -293,11 +294,6 @@ def _item_record(result: TrainResult, params: Params, item: SweepItem, counts, s
         "mlflow": {"run_id": run_id, "parent_run_id": parent_run_id, "sweep_id": sweep, "experiment": tracking.EXPERIMENT_CLASSIFIER},
         "cache_key": cache_key,
     }
-
-
-def _under(root: Path, path: str) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else root / candidate
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctsynth.paths import resolve
 from ctsynth.config import Params
 from ctsynth.data.ingest import prepare_dataset
 from ctsynth.data.mixing import class_seed, real_split, synthetic_count
@@ -56,12 +57,9 @@ def _clear(out: Path) -> None:
 
 def build_oracle(params: Params, root: Path, workers: int = 2) -> Path:
     """Write the oracle pool for params.sweep.oracle_source; returns its manifest path."""
-    def under(path: str) -> Path:
-        return Path(path) if Path(path).is_absolute() else root / path
-
     classes = params.data.classes
-    prepared = under(params.data.prepared)
-    out = under(params.sweep.oracle)
+    prepared = resolve(params.data.prepared, root)
+    out = resolve(params.sweep.oracle, root)
     real_train = real_split(prepared, "train", classes)
     counts = oracle_counts(params, {c: sum(item.label == c for item in real_train) for c in classes})
     _clear(out)
