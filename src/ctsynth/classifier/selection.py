@@ -182,8 +182,7 @@ def gan_test(params, records: list[dict], root: Path, select) -> dict | None:
     from ctsynth.classifier.train import build_classifier, predict_probabilities
     from ctsynth.data.mixing import ImageDataset, synthetic_pool
 
-    synthetic_dir = Path(params.sweep.synthetic)
-    synthetic_dir = synthetic_dir if synthetic_dir.is_absolute() else root / synthetic_dir
+    synthetic_dir = resolve(params.sweep.synthetic, root)
     baseline = [r for r in records if r["arm"] == BASELINE]
     if not baseline or not (synthetic_dir / "manifest.csv").is_file():
         log.warning("GAN-test skipped: %s", "no ratio-0 items" if not baseline else f"no {synthetic_dir}/manifest.csv")
@@ -197,7 +196,7 @@ def gan_test(params, records: list[dict], root: Path, select) -> dict | None:
     for record in baseline:
         model = build_classifier(params.classifier, len(classes), structure_only=True)
         state = Path(record["state_dict"])
-        model.load_state_dict(torch.load(state if state.is_absolute() else root / state, map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(resolve(state, root), map_location="cpu", weights_only=True))
         model.eval()
         per_seed[int(record["seed"])] = predict_probabilities(model, inputs, "fp32").numpy()
     result = {"n_images": int(len(items))}
