@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +273,29 @@ def dvc_hash(path: str | Path, root: Path | None = None) -> str | None:
     return None
 
 
+# What the store says when two runs insert the same dataset (experiment, name, digest) at once:
+# SQLite's and PostgreSQL's unique-constraint messages, as the server passes them on.
+_DATASET_RACE = ("UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint")
+
+
+def _log_inputs_racing_other_runs(datasets: list, contexts: list[str], tags: list[dict], attempts: int = 5) -> None:
+    """`mlflow.log_inputs`, retried when another run inserted the same dataset between the store's
+    lookup and its insert (two queued experiments preparing the same `data/raw` do). The store
+    rolls the failed call back whole, and the retry finds the dataset the other run inserted."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=tags)
+            return
+        except MlflowException as error:
+            if attempt == attempts or not any(text in str(error) for text in _DATASET_RACE):
+                raise
+            log.info("another run logged the same dataset at the same moment; logging the inputs again (attempt %d)", attempt + 1)
+            time.sleep(0.05 * attempt * (1 + random.random()))
+
+
 def log_lineage(paths: Iterable[str | Path], context: str = "training", root: Path | None = None) -> dict[str, str | None]:
     """Log each DVC-tracked path as an MLflow dataset input of the active run.
 
@@ -297,7 +322,7 @@ def log_lineage(paths: Iterable[str | Path], context: str = "training", root: Pa
         source = local_source(name)  # its uri is the DVC path itself
         datasets.append(MetaDataset(source=source, name=name, digest=digest or "untracked"))
         tags.append({"dvc_path": name})
-    mlflow.log_inputs(datasets=datasets, contexts=[context] * len(datasets), tags_list=tags)
+    _log_inputs_racing_other_runs(datasets, [context] * len(datasets), tags)
     # also as tags, so runs can be searched by data version: tags."dvc_md5.data/prepared" = '<md5>'
     mlflow.set_tags({f"dvc_md5.{name}": digest or "untracked" for name, digest in digests.items() if not Path(name).is_absolute()})
     return digests

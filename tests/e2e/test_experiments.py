@@ -9,6 +9,8 @@ dvc_exp_name tag that ctsynth.tracking sets from DVC_EXP_NAME. Only the `prepare
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,3 +95,43 @@ def run_two_queued_experiments(repo: Path, env: dict[str, str], tracking_uri: st
         assert by_name[name].data.params["resolution"] == str(resolution)
         assert by_name[name].data.tags.get("dvc_stage") == "prepare"
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["resolution"] == 32  # workspace untouched
+
+
+LOG_SAME_DATA = """
+import sys, time
+from pathlib import Path
+from ctsynth import tracking
+root, data, start_at = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+with tracking.start_run(tracking.EXPERIMENT_DATA, "same-data", root=root):
+    time.sleep(max(0.0, start_at - time.time()))
+    tracking.log_lineage([data], context="source", root=root)
+"""
+
+
+def test_runs_logging_the_same_data_at_the_same_moment_all_succeed(tmp_path, mlflow_server):
+    """Two queued experiments prepare the same `data/raw` at once: the store's insert of the
+    dataset races between them, and neither stage may fail for it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ctsynth import tracking
+
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": str(Path(tracking.__file__).parents[1])}
+    rounds, processes_per_round = 4, 6
+    for round_ in range(rounds):
+        # a new dataset each round (a race needs one the store has not seen), logged by every
+        # process at once, once each has its run
+        start_at = time.time() + 15
+        processes = [subprocess.Popen([sys.executable, "-c", LOG_SAME_DATA, str(tmp_path), f"data/raw-{round_}", str(start_at)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for _ in range(processes_per_round)]
+        outputs = [p.communicate(timeout=180)[0] for p in processes]
+        failed = [out[-2000:] for p, out in zip(processes, outputs) if p.returncode != 0]
+        assert not failed, failed
+
+    mlflow.set_tracking_uri(mlflow_server)
+    experiment = MlflowClient().get_experiment_by_name(tracking.EXPERIMENT_DATA)
+    runs = MlflowClient().search_runs([experiment.experiment_id])
+    assert len(runs) == rounds * processes_per_round
+    assert sorted(d.dataset.name for run in runs for d in run.inputs.dataset_inputs) == sorted(
+        f"data/raw-{round_}" for round_ in range(rounds) for _ in range(processes_per_round))
