@@ -13,8 +13,8 @@ own cache entries.)
     python benchmarks/sweep_speed.py                       # 25 runs; ~ a few minutes on 2 CPU cores
     python benchmarks/sweep_speed.py --prepared data/prepared --synthetic data/synthetic --train 300
 
-`--compare executor` measures instead the default sweep (params.yaml: 25 items of the small CNN at
-64 px on the embedded phantom) run two ways on the same data, one after the other in one run:
+`--compare executor` measures instead the default sweep (params.yaml's arms x ratios x seeds: 50 items
+of the small CNN at 64 px on the embedded phantom) run two ways on the same data, one after the other in one run:
   sequential: one fresh `python` process per item, as the former one-DVC-stage-per-item matrix
               ran them (each pays torch/MLflow start-up and data loading; torch's default threads);
   local:      the local executor (ctsynth.classifier.executor.run_sweep): a pool of worker
@@ -22,8 +22,8 @@ own cache entries.)
 A second phantom set (other seed) stands in for the synthetic images: an item's cost depends on
 how many images it trains on, not on where they come from.
 
-    python benchmarks/sweep_speed.py --compare executor    # ~ 2 x 10 min on 2 idle CPU cores
-    python benchmarks/sweep_speed.py --compare executor --seeds 0 1   # 10 of the 25 items
+    python benchmarks/sweep_speed.py --compare executor    # ~ 30 min on 2 idle CPU cores
+    python benchmarks/sweep_speed.py --compare executor --seeds 0 1   # 20 of the 50 items
 """
 
 from __future__ import annotations
@@ -160,9 +160,10 @@ def main() -> None:
                         help="cache: frozen-feature cache vs none (default); executor: local executor vs one process per item")
     parser.add_argument("--workdir", default=None, help="executor: keep data and results here (default: a temporary folder)")
     parser.add_argument("--weights", default="random-file", help="random-file (default), none, imagenet, or a file")
-    # The default sweep's shape (5 ratios x 5 seeds): the cache pays once, the uncached sweep per run.
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    # cache: 5 ratios x 5 seeds (the cache pays once, the uncached sweep per run);
+    # executor: params.yaml's sweep (its arms, ratios and seeds), as `dvc repro` runs it
+    parser.add_argument("--ratios", type=float, nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--train", type=int, default=16, help="real training images (half per class)")
     parser.add_argument("--eval", type=int, default=4, help="validation and test images each")
     parser.add_argument("--prepared", default=None, help="use this prepared folder instead of generated images")
@@ -170,6 +171,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.compare == "executor":
+        from ctsynth.config import load_params
+        from ctsynth.paths import repo_root
+
+        sweep = load_params(repo_root() / "params.yaml").sweep
+        args.ratios, args.seeds = args.ratios or list(sweep.ratios), args.seeds or list(sweep.seeds)
         if args.workdir:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
             compare_executor(Path(args.workdir), args.ratios, args.seeds)
@@ -177,6 +183,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 compare_executor(Path(tmp), args.ratios, args.seeds)
         return
+    args.ratios, args.seeds = args.ratios or [0.0, 0.25, 0.5, 0.75, 1.0], args.seeds or [0, 1, 2, 3, 4]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.prepared:

@@ -106,3 +106,47 @@ def test_serving_uses_only_the_registry_and_the_preprocessing_of_ctsynth():
             for name in names:
                 if name.split(".")[0] == "ctsynth":
                     assert name in allowed, f"{path.name} imports {name}"
+
+
+def _audit_module():
+    """.ci/audit_installed.py, the offline check CI runs against .ci/known-advisories.toml."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("audit_installed", REPO / ".ci" / "audit_installed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_offline_audit_finds_an_installed_vulnerable_version_and_respects_the_allow_list():
+    audit = _audit_module()
+    advisories = audit.load_advisories(REPO / ".ci" / "known-advisories.toml")
+    installed = {"bentoml": "1.4.2", "starlette": "1.10.0", "ray": "2.60.0", "torch": "2.6.0rc1"}
+    findings = {f.advisory.id: f for f in audit.audit(advisories, installed, allowed={"CVE-2023-48022": "why"})}
+    assert {"CVE-2025-27520", "CVE-2025-32375", "CVE-2025-54381"} <= findings.keys()  # bentoml 1.4.2
+    assert not any(f.advisory.package == "starlette" for f in findings.values())  # above every fix
+    assert findings["CVE-2023-48022"].accepted and not findings["CVE-2025-27520"].accepted
+    assert "CVE-2025-32434" not in findings  # a pre-release of the fixed torch is compared as a version
+
+
+def test_the_offline_audit_passes_the_installed_set_and_refuses_unexplained_acceptance(tmp_path):
+    audit = _audit_module()
+    assert audit.main([]) == 0, "an installed package has a known vulnerability: raise its floor"
+    allow = tmp_path / "allow.txt"
+    allow.write_text("CVE-2025-27520\n")
+    assert audit.main(["--allow", str(allow)]) == 2  # accepted without a reason
+
+
+def test_the_floors_exclude_every_affected_range_the_advisories_list():
+    audit = _audit_module()
+    requirements = {r.name: r for r in _requirements()}
+    for advisory in audit.load_advisories(REPO / ".ci" / "known-advisories.toml"):
+        requirement = requirements.get(advisory.package)
+        if requirement is None or not str(advisory.affected):
+            continue
+        # the highest affected version below the fix (the "<" bound) must not satisfy the floor
+        fixed = next(s.version for s in advisory.affected if s.operator == "<")
+        last_affected = f"{fixed}.dev0"
+        assert not requirement.specifier.contains(last_affected, prereleases=True), (advisory.id, str(requirement.specifier))
