@@ -4,8 +4,10 @@ Trains one StyleGAN2-ADA variant (a preset plus ``--set`` overrides, conditional
 classes) on the prepared training split and, every ``--eval-kimg``, generates
 ``--per-class`` images per class from G_ema and measures KID and the Fréchet distance in the
 offline pixel-PCA feature space of ``validate_synthetic`` (fitted on train half A; the
-real-vs-real floor is train half B against half A). Writes ``convergence.csv`` and one grid
-per evaluation into ``--out``. Used to choose the CPU preset and its training length: the
+real-vs-real floor is train half B against half A), and *GAN-test*: the accuracy of one
+classifier trained on the real splits (params.yaml's classifier, seed 0) on the generated images
+labelled by their conditioning class (0.5: no class signal). Writes ``convergence.csv`` and one
+grid per evaluation into ``--out``. Used to choose the CPU preset and its training length: the
 quality per kimg is the same on any device, so several variants can be compared quickly on a
 GPU and then priced with ``benchmarks/gan_throughput.py`` on the CPU.
 
@@ -36,6 +38,40 @@ from ctsynth.metrics.frechet import frechet_distance
 from ctsynth.metrics.kid import kernel_inception_distance
 
 log = logging.getLogger("gan_convergence")
+
+
+def real_classifier(data: Path, classes: list[str]):
+    """A classifier trained on the real train split (valid for early stopping) with params.yaml's
+    classifier settings, seed 0: the judge of GAN-test. Returns (model, params, real test accuracy)."""
+    from ctsynth.classifier.train import train_classifier
+    from ctsynth.config import load_params
+    from ctsynth.data.mixing import real_split
+    from ctsynth.paths import repo_root
+
+    params = load_params(repo_root() / "params.yaml").classifier
+    splits = {split: real_split(data, split, classes) for split in ("train", "valid", "test")}
+    result = train_classifier(params, splits["train"], splits["valid"], splits["test"], classes, seed=0, progress=False)
+    return result.model, params, result.test["accuracy"]
+
+
+def gan_test_accuracy(model, params, fake: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of `model` on generated images (N x 1 x R x R in [-1, 1]) labelled by their
+    conditioning class, each written as the PNG `generate` writes and read back through the one
+    preprocessing function."""
+    import io
+
+    from PIL import Image
+
+    from ctsynth.classifier.train import predict_probabilities
+    from ctsynth.data.preprocess import preprocess_bytes
+
+    inputs = []
+    for image in fake:
+        buffer = io.BytesIO()
+        Image.fromarray(np.rint((image[0] + 1) * 127.5).clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+        inputs.append(preprocess_bytes(buffer.getvalue(), params.resolution))
+    probabilities = predict_probabilities(model, torch.from_numpy(np.stack(inputs)))
+    return float((probabilities.argmax(1).numpy() == labels).mean())
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -98,6 +134,9 @@ def main() -> None:
     n_pca = int(features.pca.n_components_)
     floor_kid_pca = kernel_inception_distance(reference[:, :n_pca], floor_set[:, :n_pca], 100, 1000, 0)[0]
 
+    judge, judge_params, real_test_accuracy = real_classifier(args.data, classes)
+    log.info("GAN-test judge: real-only classifier, test accuracy %.3f on real images", real_test_accuracy)
+
     args.out.mkdir(parents=True, exist_ok=True)
     trainer = GANTrainer(cfg, data, TrainOptions(out_dir=args.out, classes=classes, mlflow=False, progress=False, device=args.device))
     rows, start, train_s = [], time.perf_counter(), 0.0
@@ -106,7 +145,8 @@ def main() -> None:
     total = int(args.kimg * 1000)
     with open(args.out / "convergence.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["kimg", "train_s", "kid", "kid_floor", "kid_pca", "kid_pca_floor", "frechet", "frechet_floor", "ada_p", "g_loss", "d_loss"])
+        writer.writerow(["kimg", "train_s", "kid", "kid_floor", "kid_pca", "kid_pca_floor", "frechet", "frechet_floor", "ada_p", "g_loss", "d_loss",
+                         "gan_test", "real_test_accuracy"])
         while trainer.cur_nimg < total:
             t0 = time.perf_counter()
             trainer._train_step()
@@ -115,19 +155,20 @@ def main() -> None:
                 continue
             next_eval += eval_nimg
             stats = trainer._tick_record()
-            fake, _ = sample(trainer.G_ema, args.per_class, cfg.c_dim, cfg.z_dim, trainer.device, seed=1)
+            fake, fake_labels = sample(trainer.G_ema, args.per_class, cfg.c_dim, cfg.z_dim, trainer.device, seed=1)
             fake_features = features(fake)
             kid = kernel_inception_distance(reference, fake_features, 100, 1000, 0)[0]
             kid_pca = kernel_inception_distance(reference[:, :n_pca], fake_features[:, :n_pca], 100, 1000, 0)[0]
             fd = frechet_distance(reference, fake_features)
             row = [trainer.cur_nimg / 1000, round(train_s, 1), kid, floor_kid, kid_pca, floor_kid_pca, fd, floor_fd,
-                   stats["ADA/p"], stats.get("Loss/G/loss", float("nan")), stats.get("Loss/D/loss", float("nan"))]
+                   stats["ADA/p"], stats.get("Loss/G/loss", float("nan")), stats.get("Loss/D/loss", float("nan")),
+                   gan_test_accuracy(judge, judge_params, fake, fake_labels), real_test_accuracy]
             writer.writerow(row)
             f.flush()
             rows.append(row)
             save_image_grid(fixed_seed_grid(trainer.G_ema, cfg, len(classes)), args.out / f"grid-{trainer.cur_nimg // 1000:04d}kimg.png")
-            log.info("kimg %.1f  train %.0f s  KID %.4g (floor %.3g)  pixel KID %.4g (floor %.3g)  p %.3f",
-                     row[0], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row[8])
+            log.info("kimg %.1f  train %.0f s  KID %.4g (floor %.3g)  pixel KID %.4g (floor %.3g)  p %.3f  GAN-test %.3f",
+                     row[0], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row[8], row[11])
             if args.deadline_s and time.perf_counter() - start > args.deadline_s:
                 log.info("deadline reached at kimg %.1f", row[0])
                 break

@@ -20,7 +20,8 @@ of the small CNN at 64 px on the embedded phantom) run two ways on the same data
   local:      the local executor (ctsynth.classifier.executor.run_sweep): a pool of worker
               processes sized to the machine, each running many items.
 A second phantom set (other seed) stands in for the synthetic images: an item's cost depends on
-how many images it trains on, not on where they come from.
+how many images it trains on, not on where they come from. The oracle arm's pool is built as the
+`oracle` stage builds it.
 
     python benchmarks/sweep_speed.py --compare executor    # ~ 30 min on 2 idle CPU cores
     python benchmarks/sweep_speed.py --compare executor --seeds 0 1   # 20 of the 50 items
@@ -122,6 +123,14 @@ def compare_executor(workdir: Path, ratios: list[float], seeds: list[int]) -> No
         if not (folder / "manifest.csv").exists():
             write_phantom_dataset(workdir / f"raw-{seed}", seed=seed, workers=2)
             prepare_dataset(workdir / f"raw-{seed}", folder, base.data)
+    oracle = workdir / "oracle"
+    if not (oracle / "manifest.csv").exists():  # the oracle arm's new genuine images, as the `oracle` stage writes them
+        from ctsynth.data.oracle import build_oracle
+
+        build_oracle(base.model_copy(update={
+            "data": base.data.model_copy(update={"prepared": str(prepared)}),
+            "sweep": base.sweep.model_copy(update={"oracle": str(oracle)}),
+        }), workdir)
     items = sweep_items(base)
     timings = {}
     for way in ("sequential", "local"):
@@ -130,7 +139,7 @@ def compare_executor(workdir: Path, ratios: list[float], seeds: list[int]) -> No
         root.mkdir()
         values = base.model_dump(mode="json", by_alias=True)
         values["data"]["prepared"] = str(prepared)
-        values["sweep"].update(synthetic=str(synthetic), metrics_dir=str(root / "metrics"), runs_dir=str(root / "runs"))
+        values["sweep"].update(synthetic=str(synthetic), oracle=str(oracle), metrics_dir=str(root / "metrics"), runs_dir=str(root / "runs"))
         params_file = root / "params.yaml"
         params_file.write_text(yaml.safe_dump(values, sort_keys=False))
         params = load_params(params_file)

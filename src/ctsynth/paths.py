@@ -49,3 +49,15 @@ def git_commit(root: Path | None = None) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def file_md5(path: Path | str, chunk: int = 1 << 20) -> str:
+    """md5 of a file's bytes: what DVC records as the file's hash, so a file's identity can be
+    compared with dvc.lock and with MLflow tags written from it."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ctsynth import tracking
+from ctsynth.paths import file_md5
 from ctsynth.export import INPUT_NAME, OUTPUT_NAME, cpu_session, read_onnx_info
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def register_generator(network: Path, grid: Path | None, quality: dict[str, Any]
     )
     version = client.create_model_version(
         GENERATOR_MODEL, source=source, run_id=run_id, description=description,
-        tags={"network_file": Path(network).name} | {k: f"{v:.6g}" for k, v in numbers.items()},
+        tags={"network_file": Path(network).name, tracking.GENERATOR_MD5_TAG: file_md5(network)} | {k: f"{v:.6g}" for k, v in numbers.items()},
     )
     log.info("registered %s version %s (models:/%s@%s): %s", GENERATOR_MODEL, version.version, GENERATOR_MODEL,
              GENERATOR_ALIAS, description)
@@ -408,3 +409,41 @@ def download_generator(uri: str, dst: Path) -> Path:
     if len(networks) != 1:
         raise FileNotFoundError(f"{uri} holds {len(networks)} network files, expected one")
     return networks[0]
+
+
+def lineage(name: str = tracking.REGISTERED_MODEL, alias: str = tracking.CHAMPION_ALIAS, root: Path | None = None) -> dict[str, Any]:
+    """Walk back from `name@alias` to what made it: the version and `run_lineage` of the sweep
+    item's run that trained it."""
+    version = champion_version(name, alias, root)
+    source_run_id = version.tags.get("source_run_id") or version.run_id
+    return {"model": {"name": name, "version": str(version.version), "alias": alias}} | run_lineage(source_run_id)
+
+
+def run_lineage(run_id: str) -> dict[str, Any]:
+    """What a run trained on: the data versions it read (MLflow dataset inputs: DVC path and DVC
+    hash), its git commit, and, where it read synthetic images, their generator: the network
+    file's md5 and the `ctsynth-generator` version with that md5 (version None when that network
+    is a snapshot that was never registered), with the data and commit of its training run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+
+    def datasets(run) -> list[dict[str, str]]:
+        return [{"path": d.dataset.name, "digest": d.dataset.digest} for d in (run.inputs.dataset_inputs or [])]
+
+    result: dict[str, Any] = {
+        "run": {"id": run_id, "name": run.info.run_name, "git_commit": run.data.tags.get("git_commit")},
+        "data": datasets(run),
+        "generators": [],
+    }
+    for md5 in filter(None, run.data.tags.get(f"generator.{tracking.GENERATOR_MD5_TAG}", "").split(",")):
+        found = client.search_model_versions(f"name = '{GENERATOR_MODEL}' and tags.{tracking.GENERATOR_MD5_TAG} = '{md5}'")
+        entry: dict[str, Any] = {"network_md5": md5, "version": None}
+        if found:
+            generator = found[0]
+            gan_run = client.get_run(generator.run_id)
+            entry |= {"version": str(generator.version), "run_id": generator.run_id, "data": datasets(gan_run),
+                      "git_commit": gan_run.data.tags.get("git_commit")}
+        result["generators"].append(entry)
+    return result

@@ -30,6 +30,9 @@ EXPERIMENT_CLASSIFIER = "ctsynth-classifier"
 EXPERIMENTS = (EXPERIMENT_DATA, EXPERIMENT_GAN, EXPERIMENT_CLASSIFIER)
 REGISTERED_MODEL = "ctsynth-classifier"
 CHAMPION_ALIAS = "champion"
+# md5 of a generator network file: a tag of each `ctsynth-generator` version, and (prefixed with
+# "generator.") of each classifier run that trained on images it made: the lineage link between them
+GENERATOR_MD5_TAG = "network_md5"
 
 # The MLflow 3 UI opens an experiment on its GenAI pages (traces, judges) unless the experiment
 # carries this tag with the value of the UI's CUSTOM_MODEL_DEVELOPMENT kind: then it opens on

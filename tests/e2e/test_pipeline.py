@@ -161,6 +161,43 @@ def test_sweep_summary_and_registered_champion(study):
         assert evaluation.metrics[metric] == pytest.approx(champion["test"][metric], abs=1e-6), metric
 
 
+def _locked_md5(repo: Path, stage: str, path: str) -> str:
+    """DVC's hash of an output of `stage`, as dvc.lock records it."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
+
+
+def test_the_champion_walks_back_to_its_data_and_the_generator_behind_synthetic_images(study, monkeypatch):
+    repo, env, _, _ = study
+    from mlflow import MlflowClient
+
+    from ctsynth import tracking
+    from ctsynth.paths import file_md5
+    from ctsynth.registry import GENERATOR_MODEL, lineage, run_lineage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    prepared, synthetic = _locked_md5(repo, "prepare", "data/prepared"), _locked_md5(repo, "generate", "data/synthetic")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    champion = lineage(root=repo)
+    study_details = json.loads((repo / "reports/study.json").read_text())["champion"]
+    assert champion["run"]["id"] == study_details["run_id"] and champion["run"]["git_commit"] == commit
+    assert {d["path"]: d["digest"] for d in champion["data"]}["data/prepared"] == prepared
+
+    # an item that trained on synthetic images leads to the registered generator that made them
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_CLASSIFIER)
+    synthetic_runs = client.search_runs([experiment.experiment_id], "tags.arm = 'synthetic' and tags.ratio != '0'")
+    assert synthetic_runs
+    walked = run_lineage(synthetic_runs[0].info.run_id)
+    assert {d["path"]: d["digest"] for d in walked["data"]} == {"data/prepared": prepared, "data/synthetic": synthetic}
+    [generator] = walked["generators"]
+    latest = client.get_model_version_by_alias(GENERATOR_MODEL, "latest")
+    assert generator["network_md5"] == file_md5(repo / "models/gan/network-final.pt")
+    assert generator["version"] == str(latest.version) and generator["git_commit"] == commit
+    assert {d["path"]: d["digest"] for d in generator["data"]}["data/prepared"] == prepared
+
+
 def test_report_is_self_contained_and_logged_to_the_sweep_parent_run(study):
     repo, env, _, _ = study
     from mlflow import MlflowClient

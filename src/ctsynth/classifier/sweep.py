@@ -32,6 +32,7 @@ from ctsynth import tracking
 from ctsynth.classifier.evaluate import METRIC_NAMES, item_files, plot_confusion_matrix, predictions_record, write_item_result
 from ctsynth.classifier.train import TrainResult, train_classifier
 from ctsynth.config import Params
+from ctsynth.data.manifest import read_generator_record
 from ctsynth.data.mixing import count_by_class_and_source, load_arm_data, real_split, training_set
 from ctsynth.device import record_device, resolve_device
 
@@ -248,6 +249,8 @@ def run_sweep_item(
         read = [params.data.prepared] + [params.sweep.synthetic] * (item.arm in ("synthetic", "synthetic_only")) \
             + [params.sweep.oracle] * (item.arm == "oracle")
         tracking.log_lineage(read, context="training", root=root)
+        if params.sweep.synthetic in read:
+            mlflow.set_tags(generator_tags(synthetic_dir))
         record_device(params.classifier.device, resolve_device(params.classifier.device))
         result = train_classifier(params.classifier, train_items, valid_items, test_items, classes, item.seed, progress=progress)
         for record in result.history:
@@ -270,6 +273,16 @@ def run_sweep_item(
         mlflow.log_artifact(str(metrics_path))
         mlflow.log_artifact(str(details_path), artifact_path="details")
     return SweepItemOutputs(metrics_path, details_path, state_path, run.info.run_id, parent_run_id)
+
+
+def generator_tags(synthetic_dir: Path) -> dict[str, str]:
+    """The md5 of the network(s) that made the synthetic images (generate's generator.json), as the
+    tag `ctsynth.registry.lineage` follows to the `ctsynth-generator` version."""
+    record = read_generator_record(synthetic_dir)
+    if record is None:
+        return {}
+    md5s = sorted({entry["network_md5"] for entry in record["classes"].values()})
+    return {f"generator.{tracking.GENERATOR_MD5_TAG}": ",".join(md5s), "generator.snapshot": record["snapshot"]}
 
 
 def _item_record(result: TrainResult, params: Params, item: SweepItem, counts, state_path, root, run_id, parent_run_id, sweep, cache_key) -> dict:

@@ -16,6 +16,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 MANIFEST_NAME = "manifest.csv"
+GENERATOR_RECORD = "generator.json"  # in a synthetic folder: which network files made its images
 MANIFEST_COLUMNS = [
     "path",  # prepared PNG, relative to the prepared folder ("" when nothing was written)
     "split",
@@ -95,3 +96,12 @@ def read_manifest(folder_or_file: Path) -> pd.DataFrame:
     for column in ("mean", "std", "width", "height", "label_id"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
+
+
+def read_generator_record(synthetic_dir: Path) -> dict | None:
+    """A synthetic folder's generator.json (written by `generate`: per class the network file and
+    its md5), or None where it has none."""
+    import json
+
+    path = Path(synthetic_dir) / GENERATOR_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -25,11 +25,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ctsynth.data.manifest import GENERATOR_RECORD
 from ctsynth.device import record_device, resolve_device
 from ctsynth.gan.checkpoint import FINAL_NETWORK, build_networks, check_network_format, load_checkpoint
 from ctsynth.gan.grid import one_hot, to_uint8
 from ctsynth.gan.networks import Generator
 from ctsynth.gan.presets import GANConfig
+from ctsynth.paths import file_md5
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ def synthesize(G: Generator, z: torch.Tensor, class_index: int, psi: float, nois
 
 
 def _planned_files(classes: list[str], per_class: int, seed: int) -> list[str]:
-    return [f"{name}/seed{seed:04d}-{i:05d}.png" for name in classes for i in range(per_class)] + ["manifest.csv"]
+    return [f"{name}/seed{seed:04d}-{i:05d}.png" for name in classes for i in range(per_class)] + ["manifest.csv", GENERATOR_RECORD]
 
 
 def claim_output_folder(out_dir: Path, planned: list[str]) -> None:
@@ -165,6 +167,18 @@ def claim_output_folder(out_dir: Path, planned: list[str]) -> None:
 
 
 @torch.no_grad()
+def write_generator_record(out_dir: Path, networks: dict[str, tuple[Path, int]], snapshot: str) -> dict:
+    """out_dir/generator.json: per class the network file, its md5 (DVC's hash of a file; the
+    generator registry tags each version with it) and the snapshot setting. A classifier trained
+    on these images copies the md5 into its MLflow run, the link from a model back to its GAN."""
+    record = {
+        "snapshot": snapshot,
+        "classes": {name: {"network": Path(path).name, "network_md5": file_md5(path)} for name, (path, _) in networks.items()},
+    }
+    (out_dir / GENERATOR_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def generate_images(
     gan_dir: Path,
     out_dir: Path,
@@ -222,5 +236,6 @@ def generate_images(
     bar.close()
     manifest = pd.DataFrame(rows)
     manifest.to_csv(out_dir / "manifest.csv", index=False)
+    write_generator_record(out_dir, networks, snapshot)
     log.info("wrote %d synthetic images to %s", len(manifest), out_dir)
     return manifest
