@@ -61,7 +61,7 @@ class Sizes:
 
 GPU = Sizes(
     phantom_counts=None,
-    throughput=("stylegan2", 256, 8, 4, 8, 32),
+    throughput=("stylegan2", 256, 8, 4, 4, 32),
     generation=(("stylegan2", 256), ("cpu64", 64)),
     generate_per_class=None,
     sweep_epochs=None,

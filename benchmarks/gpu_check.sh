@@ -6,7 +6,7 @@
 #         not a silent fallback) and its parity with the reference op (fp32, bf16, fp16; NCHW and
 #         NHWC); tests/test_gan_ops.py; one training step's losses and gradients, fast path vs
 #         reference path, on CUDA;
-#   (ii)  s/kimg at 256 px, `stylegan2` preset, batch 8: reference path (fused ops off, grouped
+#   (ii)  s/kimg at 256 px, `stylegan2` preset, batch 8 (4 warm-up, 32 timed minibatches): reference path (fused ops off, grouped
 #         modulated convs, float32) vs the fast path in float32 and with the top 4 resolutions in
 #         bfloat16 (the reference implementation's fp16 layers on GPU), after a warm-up;
 #   (iii) generation: images/s of ctsynth.gan.generate.generate_images (PNG files written) and of
@@ -22,8 +22,8 @@
 #
 # Time budget (each part runs under `timeout`; a part over its budget is a FAILED row):
 #   phantom data + synthetic stand-in 40 s | (i) build + op parity 90 s, op tests 40 s, step
-#   parity 30 s | (ii) 80 s | (iii) 40 s | (iv) 50 s | (v) GAN budget + 30 s (210 s)
-#   = 580 s, plus a few seconds for the machine summary (missing packages installed with pip first
+#   parity 30 s | (ii) 90 s | (iii) 30 s | (iv) 60 s | (v) GAN budget + 30 s (210 s)
+#   = 590 s, plus a few seconds for the machine summary (missing packages installed with pip first
 #   are not counted). A longer --gan-budget-s lengthens (v) alone.
 #
 # No `pip install -e .`: PYTHONPATH=src. Needs torch (any recent CUDA build), torchvision, numpy,
@@ -104,9 +104,9 @@ else
   part i 40 "tests/test_gan_ops.py" -- "${ACC[@]}" op-tests --results "$RESULTS"
 fi
 part i 30 "training-step parity, fast vs reference path" -- "${ACC[@]}" step-parity --results "$RESULTS" --device $DEVICE "${SIZE[@]}"
-part ii 80 "GAN training s/kimg, reference vs fast path" -- "${ACC[@]}" throughput --results "$RESULTS" --device $DEVICE "${SIZE[@]}"
-part iii 40 "generation throughput" -- "${ACC[@]}" generation --results "$RESULTS" --workdir "$WORK" --device $DEVICE "${SIZE[@]}"
-part iv 50 "classifier sweep items" -- "${ACC[@]}" sweep --results "$RESULTS" --workdir "$WORK" --device $DEVICE "${SIZE[@]}"
+part ii 90 "GAN training s/kimg, reference vs fast path" -- "${ACC[@]}" throughput --results "$RESULTS" --device $DEVICE "${SIZE[@]}"
+part iii 30 "generation throughput" -- "${ACC[@]}" generation --results "$RESULTS" --workdir "$WORK" --device $DEVICE "${SIZE[@]}"
+part iv 60 "classifier sweep items" -- "${ACC[@]}" sweep --results "$RESULTS" --workdir "$WORK" --device $DEVICE "${SIZE[@]}"
 part v $((${GAN_BUDGET%.*} + 30)) "GAN quality after a ${GAN_BUDGET} s training budget" -- \
   "${ACC[@]}" quality --results "$RESULTS" --workdir "$WORK" --device $DEVICE --budget-s "$GAN_BUDGET" "${SIZE[@]}"
 
