@@ -90,7 +90,7 @@ def test_script_runs_every_part_under_a_timeout_and_states_its_budget():
         assert command in acceptance.COMMANDS
         assert f'"${{ACC[@]}}" {command} ' in script, command
     budgets = [int(b) for b in re.findall(r"^\s*part \S+ (\d+) ", script, re.MULTILINE)]
-    gan = re.search(r"^part v \$\(\(\$\{GAN_BUDGET%\.\*\} \+ (\d+)\)\)", script, re.MULTILINE)
+    gan = re.search(r"^part v \$\(\(\$\{GAN_BUDGET%\.\*\} / SCALE \+ (\d+)\)\)", script, re.MULTILINE)
     assert gan, "part (v) is not bounded by its training budget"
     # the worst case of a real run: data + (i) CUDA + (ii) ... (iv) + (v) at the default 180 s
     dry_only = 40  # op-tests appears twice (dry and CUDA branch) with the same budget
