@@ -305,7 +305,7 @@ def cmd_step_parity(args: argparse.Namespace) -> int:
         print(f"  {phase}: loss rel diff {rel_loss:.2e}, grad max diff / max |grad| {rel_grad:.2e}", flush=True)
         worst_loss, worst_grad = max(worst_loss, rel_loss), max(worst_grad, rel_grad)
     ok = worst_loss < 1e-4 and worst_grad < 1e-3
-    record(args.results, "i", f"training-step parity on {device.type}, fast vs reference path (4 phases, fp32): max grad diff / max |grad|",
+    record(args.results, "i", f"training-step parity on {device.type}, fast vs reference path (4 phases, fp32): max grad diff over max abs grad",
            worst_grad, "", "ok" if ok else "FAILED", f"max loss rel diff {worst_loss:.1e}; tolerances 1e-3 (grad), 1e-4 (loss)")
     return 0 if ok else RECORDED_FAILURE
 
