@@ -23,6 +23,7 @@ import numpy as np
 
 from ctsynth import tracking
 from ctsynth.export import INPUT_NAME, OUTPUT_NAME, cpu_session, read_onnx_info
+from ctsynth.jsonable import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def register_champion(
         with tempfile.TemporaryDirectory() as tmp:
             for file_name, content in ((METRICS_ARTIFACT, metrics), (PARAMS_ARTIFACT, params or {})):
                 path = Path(tmp) / file_name
-                path.write_text(json.dumps(content, indent=2, sort_keys=True, default=_jsonable))
+                path.write_text(json.dumps(jsonable(content, nan_as_null=False), indent=2, sort_keys=True, default=str))
                 mlflow.log_artifact(str(path), artifact_path=prefix)
         if torch_state_path is not None:
             mlflow.log_artifact(str(torch_state_path), artifact_path=f"{prefix}/{TORCH_ARTIFACT_DIR}")
@@ -200,13 +201,6 @@ class _null_context:
     def __exit__(self, *exc: Any) -> None:
         return None
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 @dataclass(frozen=True)
