@@ -102,7 +102,7 @@ def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes
     from ctsynth.classifier.evaluate import classification_metrics
     from ctsynth.data.mixing import ImageDataset, real_split
     from ctsynth.device import resolve_device
-    from ctsynth.export import device_session, read_onnx_info
+    from ctsynth.export import onnx_session, read_onnx_info, softmax
 
     info = read_onnx_info(onnx_model)
     if list(info.classes) != list(classes):
@@ -110,11 +110,11 @@ def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes
     items = real_split(prepared, split, classes)
     inputs = ImageDataset(items, info.resolution).inputs.numpy()
     labels = np.array([classes.index(item.label) for item in items], dtype=np.int64)
-    session, provider = device_session(onnx_model, resolve_device(device))
+    session = onnx_session(onnx_model, resolve_device(device))
+    provider = session.get_providers()[0]
     log.info("champion ONNX evaluation on %s with %s", split, provider)
     logits = np.concatenate([session.run(["logits"], {"image": inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)])
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    probabilities = softmax(logits)
     return ChampionEvaluation(list(classes), labels, probabilities, classification_metrics(labels, probabilities, list(classes)), provider)
 
 
