@@ -37,16 +37,19 @@ def _path(value: str | None, root: Path) -> str | None:
         return str(path)
 
 
-def _run_stage(args: argparse.Namespace, name: str, overrides: dict[str, dict], **options) -> int:
+def _run_stage(args: argparse.Namespace, name: str, overrides, **options) -> int:
     """Load --params, apply the command's options to it, and execute the DVC stage's own module:
-    the command and `python pipelines/<stage>.py` run the same code on the same params."""
+    the command and `python pipelines/<stage>.py` run the same code on the same params.
+    `overrides`: {section: {key: value}} (None values keep the params value), or a function of the
+    loaded params giving that (for an option that adds to a params value)."""
     import importlib
 
     from ctsynth import stages
     from ctsynth.config import load_params, with_overrides
     from ctsynth.paths import repo_root
 
-    params = with_overrides(load_params(args.params), **overrides)
+    params = load_params(args.params)
+    params = with_overrides(params, **(overrides(params) if callable(overrides) else overrides))
     stage = importlib.import_module(f"ctsynth.stages.{name}")
     return stages.execute(stage, params, repo_root(), **options)
 
@@ -91,24 +94,22 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def _train_gan(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
     from ctsynth.paths import repo_root
 
     root = repo_root()
-    gan = load_params(args.params).gan
-    return _run_stage(
-        args, "train_gan",
-        {"data": {"prepared": _path(args.data, root)},
-         "gan": {"out": _path(args.out, root), "report": _path(args.report, root), "preset": args.preset, "kimg": args.kimg,
-                 "snap": args.snap, "resolution": args.resolution, "per_class": args.per_class,
-                 # --set adds to gan.overrides; the stage's gan_config puts gan.kimg and gan.snap on top
-                 "overrides": dict(gan.overrides) | _parse_overrides(args.set),
-                 "init_from": _path(args.init_from, root), "freeze_d": args.freeze_d,
-                 "allow_tf32": args.allow_tf32 or None, "snapshot_kid": False if args.no_snapshot_kid else None,
-                 # the command writes where it is told (never into the raw data)
-                 "allow_outside_repo": True}},
-        device=args.device, resume=None if args.resume == "none" else args.resume, log_to_mlflow=not args.no_mlflow,
-    )
+    def overrides(params) -> dict[str, dict]:
+        gan = {"out": _path(args.out, root), "report": _path(args.report, root), "preset": args.preset, "kimg": args.kimg,
+               "snap": args.snap, "resolution": args.resolution, "per_class": args.per_class,
+               # --set adds to gan.overrides; the stage's gan_config puts gan.kimg and gan.snap on top
+               "overrides": dict(params.gan.overrides) | _parse_overrides(args.set),
+               "init_from": _path(args.init_from, root), "freeze_d": args.freeze_d,
+               "allow_tf32": args.allow_tf32 or None, "snapshot_kid": False if args.no_snapshot_kid else None,
+               # the command writes where it is told (never into the raw data)
+               "allow_outside_repo": True}
+        return {"data": {"prepared": _path(args.data, root)}, "gan": gan}
+
+    return _run_stage(args, "train_gan", overrides, device=args.device, resume=None if args.resume == "none" else args.resume,
+                      log_to_mlflow=not args.no_mlflow)
 
 
 def _generate(args: argparse.Namespace) -> int:
