@@ -4,7 +4,10 @@
                             example), the PyTorch weights and the metrics, registers a new version
                             of `ctsynth-classifier` and points the alias `champion` at it.
     load_champion()         what serving and `ctsynth predict` call: the ONNX bytes of
-                            `models:/ctsynth-classifier@champion` with its classes and resolution.
+                            `models:/ctsynth-classifier@champion` with its classes and resolution,
+                            as a ChampionModel that makes its onnxruntime session for a device,
+                            predicts probabilities, checks an input's shape and builds the answer
+                            of /predict and `ctsynth predict` (so serving needs no other module).
 
 The classes and the resolution are read back from the ONNX file's own metadata (written by
 ctsynth.export.export_onnx), so the registry and a copied ONNX file can never disagree.
