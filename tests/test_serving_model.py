@@ -95,3 +95,50 @@ def test_the_service_builds_no_session_and_no_answer_of_its_own():
     source = (REPO / "serving" / "service.py").read_text()
     assert "InferenceSession" not in source and "np.exp" not in source
     assert "self.model.answer(" in source and "self.model.session(" in source and ".model.check_input(" in source
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """ctsynth modules `path` imports when it is imported (not those inside functions, which run
+    only when called, nor TYPE_CHECKING ones)."""
+    names = set()
+
+    def visit(nodes):
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            for field in ("body", "orelse", "handlers", "finalbody"):
+                visit(getattr(node, field, []) or [])
+
+    visit(ast.parse(path.read_text()).body)
+    return {n for n in names if n.split(".")[0] == "ctsynth"}
+
+
+@pytest.mark.parametrize("bentofile", ["bentofile.yaml", "bentofile-gpu.yaml"])
+def test_the_bento_carries_every_ctsynth_module_the_service_imports(bentofile):
+    import yaml
+
+    included = set(yaml.safe_load((REPO / "serving" / bentofile).read_text())["include"])
+    # serving's own imports all run (its lazy ones when the service starts); of a ctsynth module,
+    # those at module level run on import (registry's lazy ones serve the select stage, not serving)
+    pending = [path for path in (REPO / "serving").glob("*.py")]
+    needed, seen = set(), set()
+    while pending:
+        path = pending.pop()
+        names = repository_imports(path) if path.parent.name == "serving" else module_level_imports(path)
+        for name in (n for n in names if n.startswith("ctsynth")):
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):  # a package's __init__ runs on the way down
+                folder = REPO / "src" / Path(*parts[:depth])
+                file = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
+                if file.is_file() and file not in seen:
+                    seen.add(file)
+                    needed.add(file.relative_to(REPO).as_posix())
+                    pending.append(file)
+    missing = sorted(needed - included)
+    assert "src/ctsynth/registry.py" in needed and not missing, f"serving/{bentofile} lacks {missing}: the bento would not start"
