@@ -79,3 +79,34 @@ def test_every_default_is_one_of_its_choices():
     assert params.classifier.backbone in config.BACKBONES
     assert params.sweep.arms == list(config.ARMS)
     assert params.gan.preset in config.GAN_PRESETS
+
+
+def test_fail_on_names_the_checks_that_exist():
+    """The suite's checks (each a `_Check("<name>", ...)` in ctsynth.validation.suite) and the
+    synthetic stage's own are exactly what `fail_on` may list; a misspelt name is refused."""
+    import ast
+    from pathlib import Path
+
+    import ctsynth.validation.suite as suite
+    from ctsynth.config import SyntheticParams, ValidateParams
+
+    tree = ast.parse(Path(suite.__file__).read_text())
+    names = {node.args[0].value for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_Check" and isinstance(node.args[0], ast.Constant)}
+    assert names == set(config.SUITE_CHECKS)
+    assert set(config.SYNTHETIC_CHECKS) - set(config.SUITE_CHECKS) == {"exact_copies", "memorisation", "kid"}
+    with pytest.raises(pydantic.ValidationError, match="fail_on"):
+        ValidateParams(fail_on=["blanks"])
+    with pytest.raises(pydantic.ValidationError, match="fail_on"):
+        SyntheticParams(fail_on=["memorization"])
+    assert SyntheticParams(fail_on=["kid", "leakage_near"]).fail_on == ["kid", "leakage_near"]
+
+
+def test_the_synthetic_stage_names_its_own_checks_as_the_literal_does():
+    from ctsynth.config import SyntheticParams
+    from ctsynth.metrics.synthetic import quality_checks
+
+    memo = {"fraction_below": {"p1": 0.0}, "exact_copies": 0}
+    metrics = {"memorisation": {"overall": {"synthetic": memo}},
+               "quality": {"overall": {"synthetic": {"kid": 0.1}, "floor": {"kid": 0.0, "kid_std": 0.1}}}}
+    assert set(quality_checks(metrics, SyntheticParams())) == set(config.SYNTHETIC_CHECKS) - set(config.SUITE_CHECKS)

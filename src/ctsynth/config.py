@@ -40,6 +40,11 @@ GanPrecision = Literal["fp32", "auto"]
 NoiseMode = Literal["random", "const", "none"]
 GenerateSnapshot = Literal["best", "final"]
 DicomWindow = Literal["lung", "header"]
+# The validate suite's checks (ctsynth.validation.suite), and those the synthetic stage adds: the
+# names `fail_on` may list (a misspelt one would otherwise only ever warn).
+SuiteCheck = Literal["readable", "complete", "labels", "size", "mode", "class_counts", "leakage_exact", "leakage_near",
+                     "duplicates_within_split", "blank"]
+SyntheticCheck = Literal[SuiteCheck, "exact_copies", "memorisation", "kid"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 HEADS: tuple[str, ...] = get_args(Head)
@@ -49,6 +54,8 @@ EXECUTORS: tuple[str, ...] = get_args(Executor)
 METRICS: tuple[str, ...] = get_args(Metric)
 GAN_PRESETS: tuple[str, ...] = get_args(GanPreset)
 NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
+SUITE_CHECKS: tuple[str, ...] = get_args(SuiteCheck)
+SYNTHETIC_CHECKS: tuple[str, ...] = get_args(SyntheticCheck)
 GENERATE_SNAPSHOTS: tuple[str, ...] = get_args(GenerateSnapshot)
 
 
@@ -107,7 +114,7 @@ class ValidateParams(Section):
     near_duplicate_min_correlation: float = Field(0.98, ge=0.0, le=1.0)
     blank_max_std: float = 0.01
     # Checks named here fail the stage; every other check only warns.
-    fail_on: list[str] = [
+    fail_on: list[SuiteCheck] = [
         "readable",
         "complete",
         "labels",
@@ -250,7 +257,7 @@ class SyntheticParams(Section):
     min_per_class: int = Field(1, ge=0)
     # These checks fail the stage; the rest only warn. Names are the validate suite's checks
     # (applied to the synthetic manifest) plus exact_copies, memorisation and kid.
-    fail_on: list[str] = [
+    fail_on: list[SyntheticCheck] = [
         "readable", "labels", "size", "mode", "class_counts", "blank", "leakage_exact", "exact_copies", "memorisation",
     ]
 
