@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from ctsynth.gan.presets import make_config
-from ctsynth.gan.train import (
-    GANTrainer, TrainOptions, fixed_seed_grid, load_training_data, one_hot, save_image_grid,
-)
+from ctsynth.gan.grid import fixed_seed_grid, one_hot, save_image_grid
+from ctsynth.gan.train import GANTrainer, TrainOptions, load_training_data
 from ctsynth.metrics.features import PixelPCAFeatures
 from ctsynth.metrics.frechet import frechet_distance
 from ctsynth.metrics.kid import kernel_inception_distance

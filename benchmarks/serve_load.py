@@ -97,9 +97,9 @@ def sample_png(resolution: int) -> bytes:
 
 def in_process_throughput(onnx_path: Path, resolution: int, batch: int, seconds: float) -> float:
     """Images per second of a plain onnxruntime loop (CPU provider, default threads)."""
-    from ctsynth.export import cpu_session
+    from ctsynth.export import onnx_session
 
-    session = cpu_session(onnx_path)
+    session = onnx_session(onnx_path)
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 1, resolution, resolution)).astype(np.float32)
     for _ in range(3):
         session.run(["logits"], {"image": x})

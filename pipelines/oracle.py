@@ -1,20 +1,13 @@
-"""DVC stage `oracle`: python pipelines/oracle.py
+"""DVC stage `oracle`: the oracle arm's new genuine images in data/oracle.
 
-Writes the oracle arm's new genuine training images into sweep.oracle (data/oracle): new phantom
-slices through the prepare path (embedded data), or a held-out part of the real train split
-(sweep.oracle_source: holdout). docs/study.md explains the positive control.
+`python pipelines/oracle.py [--params FILE]`. Everything the stage does is ctsynth.stages.oracle.run,
+which `ctsynth oracle` calls too; this file only gives DVC a command to run.
 """
 
-from ctsynth.config import load_params
-from ctsynth.data.oracle import build_oracle
-from ctsynth.logs import setup_logging
-from ctsynth.paths import repo_root
+import sys
 
-
-def main() -> None:
-    setup_logging()
-    build_oracle(load_params(), repo_root())
-
+from ctsynth import stages
+from ctsynth.stages import oracle
 
 if __name__ == "__main__":
-    main()
+    sys.exit(stages.main(oracle))

@@ -1,34 +1,13 @@
-"""DVC stage `report`: python pipelines/report.py
+"""DVC stage `report`: reports/summary.html, the self-contained study report.
 
-Writes reports/summary.html, one self-contained page (images embedded): data validation, GAN curves
-and real-vs-synthetic grids, synthetic quality and memorisation, the ratio sweep with its CIs and
-paired differences, and the champion's confusion matrix and ROC curve (its exported ONNX model run
-over the prepared test split). Logs the page to the sweep's MLflow parent run (artifact report/).
+`python pipelines/report.py [--params FILE]`. Everything the stage does is ctsynth.stages.report.run,
+which `ctsynth report` calls too; this file only gives DVC a command to run.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-from pathlib import Path
-
-from ctsynth.config import load_params
-from ctsynth.logs import setup_logging
-from ctsynth.paths import repo_root
-from ctsynth.report import ReportInputs, log_report_to_parent_run, write_report
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None)
-    parser.add_argument("--out", default="reports/summary.html")
-    args = parser.parse_args()
-    setup_logging()
-    params = load_params(args.params)
-    root = repo_root()
-    out = write_report(params, root, root / Path(args.out))
-    inputs = ReportInputs.from_params(params, root)
-    log_report_to_parent_run(out, inputs.study, inputs.sweep_table, root)
-
+from ctsynth import stages
+from ctsynth.stages import report
 
 if __name__ == "__main__":
-    main()
+    sys.exit(stages.main(report))

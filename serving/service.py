@@ -48,7 +48,6 @@ Settings (environment variables):
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 import os
@@ -183,37 +182,6 @@ def _log_ctsynth_at_info() -> None:
     logging.getLogger("ctsynth").setLevel(os.environ.get("CTSYNTH_LOG_LEVEL", "INFO").upper())
 
 
-def _cuda_driver_present() -> bool:
-    """Whether libcuda loads; onnxruntime-gpu would otherwise log errors and fall back silently."""
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
-def _make_session(onnx_bytes: bytes, settings: ServingSettings):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if settings.ort_threads:
-        options.intra_op_num_threads = settings.ort_threads
-    # onnxruntime's worker threads spin between runs by default; in a server they would burn the
-    # cores that the HTTP workers need to parse and preprocess the next requests.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    want_cuda = settings.ort_device == "cuda" or (
-        settings.ort_device == "auto"
-        and "CUDAExecutionProvider" in ort.get_available_providers()
-        and _cuda_driver_present()
-    )
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
-    got = session.get_providers()
-    if want_cuda and got[0] != "CUDAExecutionProvider":
-        log.warning("CUDA was requested but onnxruntime runs on %s", got)
-    return session
-
-
 def _load_model(settings: ServingSettings):
     """The champion from the registry, or the ONNX file in CTSYNTH_ONNX_MODEL."""
     from ctsynth.registry import load_champion, load_onnx_file
@@ -260,12 +228,6 @@ def _freeze_startup_objects() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
-    exp = np.exp(shifted)
-    return exp / exp.sum()
-
-
 # ----------------------------------------------------------------------------------------------
 # The service.
 
@@ -288,12 +250,9 @@ class ErrorBody(BaseModel):
 
 def _check_model_input_shape(images: np.ndarray) -> np.ndarray:
     """Per request, before BentoML merges requests into a batch: one array of the wrong shape must
-    get its own 400, not break the concatenation for the requests batched with it."""
-    resolution = bentoml.get_current_service().model.resolution
-    expected = (1, resolution, resolution)
-    if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"images has shape {images.shape}; expected N x {' x '.join(map(str, expected))}")
-    return images
+    get its own 400, not break the concatenation for the requests batched with it. The check is
+    the model's own (the one registration applies to its input example)."""
+    return bentoml.get_current_service().model.check_input(images)
 
 
 @bentoml.service(
@@ -317,7 +276,8 @@ class CTSynthClassifier:
         _log_ctsynth_at_info()
         self.settings = SETTINGS
         self.model = _load_model(SETTINGS)
-        self.session = _make_session(self.model.onnx_bytes, SETTINGS)
+        # onnxruntime's worker threads must not spin between runs here: the HTTP workers need the cores
+        self.session = self.model.session(SETTINGS.ort_device, threads=SETTINGS.ort_threads, spin=False)
         # the exported graph's one input and one output (ctsynth.export names them)
         self.input_name, self.output_name = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
         log.info(
@@ -364,13 +324,7 @@ class CTSynthClassifier:
             model_input = self._preprocess(data)
         else:
             model_input = await asyncio.get_running_loop().run_in_executor(self.decoder, self._preprocess, data)
-        probabilities = _softmax(await self.batcher(model_input))
-        classes = self.model.classes
-        return {
-            "label": classes[int(probabilities.argmax())],
-            "probabilities": {c: float(p) for c, p in zip(classes, probabilities)},
-            "model": {"name": self.model.name, "version": str(self.model.version)},
-        }
+        return self.model.answer(await self.batcher(model_input))
 
     @bentoml.api(
         route=LOGITS_PATH,

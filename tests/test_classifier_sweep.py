@@ -75,7 +75,7 @@ def test_select_writes_statistics_exports_onnx_and_registers_the_champion(sweep)
     import pandas as pd
     from mlflow import MlflowClient
 
-    from ctsynth.classifier.selection import run_select
+    from ctsynth.stages.select_champion import run as run_select
     from ctsynth.export import read_onnx_info
 
     root, params, outputs = sweep

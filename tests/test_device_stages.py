@@ -86,12 +86,12 @@ def test_generation_asked_for_cuda_without_cuda_fails_before_writing(no_cuda, tm
 
 def test_report_onnx_evaluation_runs_on_the_cpu_provider_and_records_it(no_cuda, splits, tmp_path):
     from ctsynth.classifier.train import build_classifier
-    from ctsynth.export import device_session, export_onnx
+    from ctsynth.export import export_onnx, onnx_session
     from ctsynth.report import champion_section, evaluate_onnx_on_split
 
     _, prepared, _ = splits
     onnx_path = export_onnx(build_classifier(ClassifierParams(), len(CLASSES)), 16, CLASSES, tmp_path / "model.onnx")
-    assert device_session(onnx_path, torch.device("cpu"))[1] == "CPUExecutionProvider"
+    assert onnx_session(onnx_path, torch.device("cpu")).get_providers()[0] == "CPUExecutionProvider"
     evaluation = evaluate_onnx_on_split(onnx_path, prepared, "test", CLASSES, device="auto")
     assert evaluation.provider == "CPUExecutionProvider"
     assert evaluation.metrics["n"] == 12

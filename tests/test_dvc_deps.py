@@ -1,5 +1,5 @@
 """dvc.yaml's `deps` cover the code each stage runs, so `dvc repro` never skips a stage whose code
-changed.
+changed; and each stage's code is one module, src/ctsynth/stages/<stage>.py, that its script runs.
 
 For every stage, a fresh interpreter imports the stage's script (the `pipelines/*.py` file its `cmd`
 runs, without running `main`), then follows every `import` of a repository module written anywhere
@@ -12,6 +12,7 @@ it).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -161,6 +162,35 @@ def test_stage_code_deps_exist(name):
     code_roots = ("pipelines/", *(folder + "/" for folder in PACKAGE_ROOTS.values()))
     stale = [dep for dep in dep_paths(stages()[name]) if dep.startswith(code_roots) and not (REPO / dep).exists()]
     assert not stale, f"dvc.yaml stage {name!r}: deps name code that does not exist: {stale}"
+
+
+def stage_module(stage: dict) -> str:
+    """The ctsynth.stages module a stage's script runs: its one `from ctsynth.stages import <module>`."""
+    tree = ast.parse((REPO / stage_script(stage)).read_text())
+    names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "ctsynth.stages"
+             for alias in node.names]
+    assert len(names) == 1, f"{stage_script(stage)} imports {names} from ctsynth.stages; a stage script runs one stage module"
+    return f"src/ctsynth/stages/{names[0]}.py"
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_each_stage_script_runs_its_stage_module_and_nothing_else(name):
+    stage = stages()[name]
+    module = stage_module(stage)
+    tree = ast.parse((REPO / module).read_text())
+    run = next((node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "run"), None)
+    assert run is not None and [a.arg for a in run.args.args[:2]] == ["params", "root"], f"{module} has no run(params, root)"
+    assert covered(module, dep_paths(stage)), f"dvc.yaml stage {name!r} does not list {module} in its deps"
+    script = ast.parse((REPO / stage_script(stage)).read_text())
+    imported = {alias.name if isinstance(node, ast.Import) else node.module
+                for node in ast.walk(script) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert imported <= {"sys", "ctsynth", "ctsynth.stages"}, f"{stage_script(stage)} does more than run its stage module: {imported}"
+
+
+def test_every_stage_module_is_a_stage_of_dvc_yaml():
+    used = {stage_module(stage) for stage in stages().values()}
+    present = {path.relative_to(REPO).as_posix() for path in (REPO / "src/ctsynth/stages").glob("*.py") if path.name != "__init__.py"}
+    assert present == used, f"stage modules without a dvc.yaml stage: {sorted(present - used)}; stages without one: {sorted(used - present)}"
 
 
 def test_coverage_rule():

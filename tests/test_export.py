@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctsynth.export import INPUT_NAME, OUTPUT_NAME, OnnxParityError, check_parity, cpu_session, export_onnx, read_onnx_info
+from ctsynth.export import INPUT_NAME, OUTPUT_NAME, OnnxParityError, check_parity, export_onnx, onnx_session, read_onnx_info
 
 RESOLUTION = 32
 CLASSES = ["normal", "squamous"]
@@ -46,7 +46,7 @@ def images(n: int, seed: int = 1) -> np.ndarray:
 def test_export_writes_one_file_with_contract_names_and_metadata(exported):
     _, path = exported
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # no external data file
-    session = cpu_session(path)
+    session = onnx_session(path)
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
     assert [o.name for o in session.get_outputs()] == [OUTPUT_NAME]
@@ -77,7 +77,7 @@ def test_parity_fails_for_a_different_model(exported):
 def test_dynamic_batch(exported, batch):
     model, path = exported
     x = images(batch, seed=batch)
-    (logits,) = cpu_session(path).run([OUTPUT_NAME], {INPUT_NAME: x})
+    (logits,) = onnx_session(path).run([OUTPUT_NAME], {INPUT_NAME: x})
     assert logits.shape == (batch, len(CLASSES))
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), atol=1e-4)

@@ -79,12 +79,8 @@ def test_real_parity_measurement_with_bf16_forced(tmp_path, monkeypatch) -> None
 
 
 def test_train_gan_stage_precision_setting_reaches_the_config_and_the_mlflow_tags(tmp_path, monkeypatch) -> None:
-    import importlib.util
-    from pathlib import Path
+    from ctsynth.stages import train_gan as stage
 
-    spec = importlib.util.spec_from_file_location("train_gan_stage", Path(__file__).resolve().parents[1] / "pipelines" / "train_gan.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
     monkeypatch.setenv("CTSYNTH_CACHE_DIR", str(tmp_path))
     cfg = make_config("tiny", 16, c_dim=2, batch=4, mbstd=2)
 

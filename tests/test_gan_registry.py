@@ -55,7 +55,7 @@ def test_generator_registered_and_generate_from_models_uri(tmp_path, monkeypatch
     result = subprocess.run(
         [sys.executable, "-m", "ctsynth.cli", "--params", str(REPO / "params.yaml"), "generate",
          "--network", f"models:/{GENERATOR_MODEL}@{GENERATOR_ALIAS}", "--out", str(tmp_path / "from_registry"),
-         "--per-class", "3", "--seed", "5"],
+         "--per-class", "3", "--seed", "5", "--resolution", "32"],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

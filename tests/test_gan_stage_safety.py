@@ -5,7 +5,6 @@ repository unless told, and a rerun removes only files the stage itself wrote.""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stage_module():
-    spec = importlib.util.spec_from_file_location("train_gan_stage", REPO / "pipelines" / "train_gan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ctsynth.stages import train_gan
+
+    return train_gan
 
 
 @pytest.fixture(scope="module")

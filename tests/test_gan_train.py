@@ -151,7 +151,7 @@ def test_sigkill_at_any_moment_then_rerun_resumes(tiny_data, tmp_path):
     data_root, _ = tiny_data
     out = tmp_path / "gan"
     env = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    cmd = _cli("--params", str(REPO / "params.yaml"), "train-gan", "--data", str(data_root), "--out", str(out),
+    cmd = _cli("--params", str(REPO / "params.yaml"), "train-gan", "--data", str(data_root), "--out", str(out), "--report", str(tmp_path / "report"),
                "--preset", "tiny", "--resolution", "32", "--kimg", "0.2", "--snap", "0.02", "--conditional", env=env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -181,7 +181,7 @@ def test_torchrun_two_ranks_on_cpu(tiny_data, tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ctsynth.cli", "--params",
-           str(REPO / "params.yaml"), "train-gan", "--data", str(data_root), "--out", str(out), "--preset", "tiny",
+           str(REPO / "params.yaml"), "train-gan", "--data", str(data_root), "--out", str(out), "--report", str(tmp_path / "report"), "--preset", "tiny",
            "--resolution", "32", "--kimg", "0.016", "--snap", "0.016", "--conditional", "--no-mlflow", "--device", "cpu"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,7 @@ from _synthetic_data import write_prepared, write_synthetic
 
 from ctsynth.cli import main as cli_main
 from ctsynth.config import DataParams, SyntheticParams, ValidateParams
-from ctsynth.metrics.synthetic import validate_synthetic
+from ctsynth.stages.validate_synthetic import validate_synthetic
 
 DATA = DataParams(resolution=32)
 PARAMS = SyntheticParams(kid_subsets=20, nearest_neighbour_rows=4)

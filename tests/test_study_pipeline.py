@@ -68,7 +68,7 @@ def test_item_files_are_flat_metrics_plus_details_and_children_carry_arm_ratio_s
 def test_select_compares_arms_writes_verdicts_and_ignores_stale_files(study, caplog):
     from mlflow import MlflowClient
 
-    from ctsynth.classifier.selection import run_select
+    from ctsynth.stages.select_champion import run as run_select
 
     root, params, items, outputs = study
     stale = root / "metrics/sweep/r0.25_s0.json"
@@ -111,7 +111,7 @@ def test_dvc_metrics_show_reads_one_item_and_the_summary_within_200_columns(stud
 
     root, params, _, _ = study
     if not (root / "metrics/summary.json").is_file():
-        from ctsynth.classifier.selection import run_select
+        from ctsynth.stages.select_champion import run as run_select
 
         run_select(params, root)
     repo = tmp_path / "repo"

@@ -121,7 +121,8 @@ def test_class_count_bounds_and_changed_raw_files(raw, tmp_path):
     assert "valid/normal/phantom_0000.png" in complete and "new_after_prepare.png" in complete
 
 
-def test_cli_exits_non_zero_and_logs_each_offending_file(raw, tmp_path, caplog):
+def test_cli_exits_non_zero_and_logs_each_offending_file(raw, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the stages log their runs
     broken = copy_tree(raw, tmp_path / "raw")
     Image.fromarray(np.full((200, 300), 128, np.uint8)).save(broken / "test/normal/constant.png")
     params_file = tmp_path / "params.yaml"

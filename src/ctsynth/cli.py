@@ -1,12 +1,16 @@
 """`ctsynth` command line. Each command parses its arguments here and imports its library module
-only when it runs, so `ctsynth --help` stays instant."""
+only when it runs, so `ctsynth --help` stays instant.
+
+A command of a DVC stage (prepare, validate, train-gan, generate, validate-synthetic, oracle,
+train-classifier, select, report) writes its options into the params object and runs the stage's
+module in ctsynth.stages, exactly what `python pipelines/<stage>.py` runs: a command and its stage
+cannot drift apart."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from ctsynth.logs import setup_logging
@@ -21,37 +25,59 @@ def _phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
-    from ctsynth.data.ingest import prepare_dataset
+def _path(value: str | None, root: Path) -> str | None:
+    """A path given on the command line (relative to the working directory) as a params value:
+    relative to the repository when inside it, as params.yaml writes paths, else absolute."""
+    if value is None:
+        return None
+    path = Path(value).resolve()
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
+
+def _run_stage(args: argparse.Namespace, name: str, overrides, **options) -> int:
+    """Load --params, apply the command's options to it, and execute the DVC stage's own module:
+    the command and `python pipelines/<stage>.py` run the same code on the same params.
+    `overrides`: {section: {key: value}} (None values keep the params value), or a function of the
+    loaded params giving that (for an option that adds to a params value)."""
+    import importlib
+
+    from ctsynth import stages
+    from ctsynth.config import load_params, with_overrides
     from ctsynth.paths import repo_root
 
-    data_params = load_params(args.params).data.model_copy(update={"resolution": args.resolution})
-    repository = None if args.allow_outside_repo else repo_root()
-    result = prepare_dataset(Path(args.raw), Path(args.out), data_params, repository=repository)
-    return 0 if result.ok else 1
+    params = load_params(args.params)
+    params = with_overrides(params, **(overrides(params) if callable(overrides) else overrides))
+    stage = importlib.import_module(f"ctsynth.stages.{name}")
+    return stages.execute(stage, params, repo_root(), **options)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ctsynth.paths import repo_root
+
+    root = repo_root()
+    return _run_stage(args, "prepare", {"data": {"raw": _path(args.raw, root), "prepared": _path(args.out, root),
+                                                 "resolution": args.resolution, "allow_outside_repo": args.allow_outside_repo or None}})
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
-    from ctsynth.validation.suite import validate_dataset
+    from ctsynth.paths import repo_root
 
-    params = load_params(args.params)
-    result = validate_dataset(Path(args.raw), Path(args.prepared), Path(args.report), params.data, params.validation)
-    return 0 if result.success else 1
+    root = repo_root()
+    return _run_stage(args, "validate", {"data": {"raw": _path(args.raw, root), "prepared": _path(args.prepared, root)},
+                                         "validation": {"report": _path(args.report, root)}})
 
 
 def _validate_synthetic(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
-    from ctsynth.metrics.synthetic import validate_synthetic
+    from ctsynth.paths import repo_root
 
-    params = load_params(args.params)
-    result = validate_synthetic(
-        Path(args.synthetic), Path(args.prepared), Path(args.report), params.data, params.synthetic,
-        validate_params=params.validation, log_to_mlflow=not args.no_mlflow,
-    )
-    return 0 if result.success else 1
+    root = repo_root()
+    return _run_stage(args, "validate_synthetic",
+                      {"data": {"prepared": _path(args.prepared, root)},
+                       "synthetic": {"synthetic": _path(args.synthetic, root), "report": _path(args.report, root)}},
+                      log_to_mlflow=not args.no_mlflow)
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -68,83 +94,55 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def _train_gan(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
-    from ctsynth.gan.distributed import init_from_environment
-    from ctsynth.gan.presets import make_config
-    from ctsynth.gan.train import TrainOptions, load_training_data, train_gan_models
+    from ctsynth.paths import repo_root
 
-    params = load_params(args.params)
-    gan = params.gan
-    resolution = args.resolution or gan.resolution or params.data.resolution
-    device, world_size = init_from_environment(args.device)
-    overrides = dict(gan.overrides) | _parse_overrides(args.set)
-    overrides["kimg"] = args.kimg if args.kimg is not None else gan.kimg
-    overrides["snap"] = args.snap if args.snap is not None else gan.snap
-    cfg = make_config(args.preset or gan.preset, resolution, gpus=world_size, **overrides)
-    data = load_training_data(Path(args.data), params.data.classes, resolution)
-    options = TrainOptions(
-        out_dir=Path(args.out), classes=params.data.classes,
-        resume=None if args.resume == "none" else args.resume, snap_keep=gan.snap_keep,
-        tick_kimg=gan.tick_kimg, device=device, mlflow=not args.no_mlflow,
-        allow_tf32=args.allow_tf32 or gan.allow_tf32,
-        init_from=Path(args.init_from) if args.init_from else (Path(gan.init_from) if gan.init_from else None),
-        freeze_d=args.freeze_d if args.freeze_d is not None else gan.freeze_d,
-        snapshot_kid=gan.snapshot_kid and not args.no_snapshot_kid, quality=params.synthetic,
-    )
-    per_class = args.per_class if args.per_class is not None else gan.per_class
-    train_gan_models(cfg, data, options, per_class=per_class)
-    return 0
+    root = repo_root()
+    def overrides(params) -> dict[str, dict]:
+        gan = {"out": _path(args.out, root), "report": _path(args.report, root), "preset": args.preset, "kimg": args.kimg,
+               "snap": args.snap, "resolution": args.resolution, "per_class": args.per_class,
+               # --set adds to gan.overrides; the stage's gan_config puts gan.kimg and gan.snap on top
+               "overrides": dict(params.gan.overrides) | _parse_overrides(args.set),
+               "init_from": _path(args.init_from, root), "freeze_d": args.freeze_d,
+               "allow_tf32": args.allow_tf32 or None, "snapshot_kid": False if args.no_snapshot_kid else None,
+               # the command writes where it is told (never into the raw data)
+               "allow_outside_repo": True}
+        return {"data": {"prepared": _path(args.data, root)}, "gan": gan}
+
+    return _run_stage(args, "train_gan", overrides, device=args.device, resume=None if args.resume == "none" else args.resume,
+                      log_to_mlflow=not args.no_mlflow)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
-    from ctsynth.gan.generate import generate_images
+    from ctsynth.paths import repo_root
+    from ctsynth.stages.generate import REGISTRY_SCHEME
 
-    params = load_params(args.params)
-    with tempfile.TemporaryDirectory() as tmp:
-        network = Path(args.network)
-        if args.network.startswith("models:/"):
-            from ctsynth.registry import download_generator
+    root = repo_root()
+    network = args.network if args.network.startswith(REGISTRY_SCHEME) else _path(args.network, root)
+    return _run_stage(
+        args, "generate",
+        {"gan": {"out": network},
+         "generate": {"out": _path(args.out, root), "per_class": args.per_class, "seed": args.seed, "psi": args.psi,
+                      "out_resolution": args.resolution, "noise_mode": args.noise_mode, "snapshot": args.snapshot,
+                      "allow_outside_repo": True}},
+    )
 
-            network = download_generator(args.network, Path(tmp))
-        generate_images(
-            network, Path(args.out), params.data.classes, per_class=args.per_class, seed=args.seed,
-            psi=args.psi, out_resolution=args.resolution, noise_mode=args.noise_mode, snapshot=args.snapshot,
-        )
-    return 0
+
+def _oracle(args: argparse.Namespace) -> int:
+    return _run_stage(args, "oracle", {})
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from ctsynth.classifier.executor import SweepFailed, run_sweep
-    from ctsynth.classifier.sweep import sweep_items
-    from ctsynth.config import load_params
-    from ctsynth.paths import repo_root
+    from ctsynth.stages.train_classifier import UnknownItems
 
-    params = load_params(args.params)
-    if args.executor:
-        params = params.model_copy(update={"sweep": params.sweep.model_copy(update={"executor": args.executor})})
-    items = sweep_items(params)
-    if args.item:
-        unknown = sorted(set(args.item) - {item.name for item in items})
-        if unknown:
-            log.error("not items of this sweep: %s (known: %s)", ", ".join(unknown), ", ".join(i.name for i in items))
-            return 2
-        items = [item for item in items if item.name in args.item]
     try:
-        run_sweep(params, repo_root(), items)
-    except SweepFailed as exc:
+        return _run_stage(args, "train_classifier", {"sweep": {"executor": args.executor}}, items=args.item)
+    except UnknownItems as exc:
         log.error("%s", exc)
-        return 1
-    return 0
+        return 2
 
 
 def _select(args: argparse.Namespace) -> int:
-    from ctsynth.classifier.selection import run_select
-    from ctsynth.config import load_params
-    from ctsynth.paths import repo_root
-
-    run_select(load_params(args.params), repo_root())
-    return 0
+    return _run_stage(args, "select_champion", {})
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -161,17 +159,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ctsynth.config import load_params
-    from ctsynth.paths import repo_root
-    from ctsynth.report import write_report
-
-    root = repo_root()
-    try:
-        write_report(load_params(args.params), root, root / args.out)
-    except FileNotFoundError as exc:  # a stage output is missing: say which, no traceback
-        log.error("%s", exc)
-        return 1
-    return 0
+    return _run_stage(args, "report", {}, out=args.out)
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -188,6 +176,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ctsynth.config import EXECUTORS, GAN_PRESETS, GENERATE_SNAPSHOTS, NOISE_MODES
+
     parser = argparse.ArgumentParser(
         prog="ctsynth",
         description="StyleGAN2-ADA synthetic chest-CT data and the classifier study that measures it.",
@@ -229,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train-gan", help="train StyleGAN2-ADA on the prepared train split (resumable)")
     p.add_argument("--data", required=True, help="prepared data folder (train/<class>/*.png)")
     p.add_argument("--out", required=True, help="folder for snapshots, grids and network-final.pt")
-    p.add_argument("--preset", default=None, help="auto, stylegan2, paper256, cifar, cpu64, tiny (default: params.yaml)")
+    p.add_argument("--report", default=None, help="folder for the curves and the real-vs-synthetic grid (default: params.yaml gan.report)")
+    p.add_argument("--preset", default=None, choices=GAN_PRESETS, help="default: params.yaml gan.preset")
     p.add_argument("--kimg", type=float, default=None, help="training length in thousands of real images")
     p.add_argument("--snap", type=float, default=None, help="kimg between snapshots")
     p.add_argument("--resolution", type=int, default=None, help="default: gan.resolution or data.resolution")
@@ -252,22 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", required=True,
                    help="GAN folder (network-final.pt, or <class>/network-final.pt), a network file, "
                         "or a registry URI such as models:/ctsynth-generator@latest")
-    p.add_argument("--snapshot", default="final", choices=["final", "best"],
+    p.add_argument("--snapshot", default=None, choices=GENERATE_SNAPSHOTS,
                    help="for a GAN folder: network-final.pt, or the snapshot with the lowest KID at training time")
     p.add_argument("--out", required=True)
     p.add_argument("--per-class", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--psi", type=float, default=1.0, help="truncation: 1 = none, 0 = the average image")
-    p.add_argument("--resolution", type=int, default=None, help="resize outputs to this size (e.g. 224)")
-    p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
+    p.add_argument("--seed", type=int, default=None, help="default: params.yaml generate.seed")
+    p.add_argument("--psi", type=float, default=None, help="truncation: 1 = none, 0 = the average image (default: generate.psi)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="resize outputs to this size, e.g. 224 (default: generate.out_resolution, else data.resolution)")
+    p.add_argument("--noise-mode", default=None, choices=NOISE_MODES, help="default: params.yaml generate.noise_mode")
     p.set_defaults(handler=_generate)
 
 
     p = commands.add_parser("train-classifier", aliases=["sweep"],
                             help="run the sweep's items (arms x ratios x seeds) through the executor; unchanged items are reused")
     p.add_argument("--item", nargs="+", default=None, help="only these items, e.g. synthetic_r0.5_s3 real_r0.0_s0 (default: all)")
-    p.add_argument("--executor", choices=["local", "ray"], default=None, help="override sweep.executor")
+    p.add_argument("--executor", choices=EXECUTORS, default=None, help="override sweep.executor")
     p.set_defaults(handler=_train_classifier)
+
+    p = commands.add_parser("oracle", help="the oracle arm's new genuine images (sweep.oracle): new phantom slices or a held-out share")
+    p.set_defaults(handler=_oracle)
 
     p = commands.add_parser("select", help="sweep statistics, champion by validation metric, ONNX export + parity, registry")
     p.set_defaults(handler=_select)

@@ -8,7 +8,7 @@ in ``dvc exp run -S`` fails loudly instead of silently running the default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +17,46 @@ from ctsynth.device import DeviceSetting
 from ctsynth.paths import repo_root
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+# Every choice a params key offers is one Literal here; the name lists the code checks against
+# (backbones, heads, arms, presets, ...) are derived from them with typing.get_args, so adding a
+# choice is one edit and pydantic rejects an unknown one when params.yaml is read.
+Backbone = Literal["resnet18", "resnet34", "resnet50", "smallcnn"]
+Head = Literal["linear", "mlp", "reference"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+Monitor = Literal["valid_loss", "valid_balanced_accuracy", "valid_roc_auc"]
+InferencePrecision = Literal["auto", "bf16", "fp32"]
+# synthetic | duplicate | classic | oracle (at every ratio > 0) | synthetic_only (ratio 1 only)
+Arm = Literal["synthetic", "duplicate", "classic", "oracle", "synthetic_only"]
+ClassicOp = Literal["hflip", "rotate", "scale", "intensity", "elastic"]
+Executor = Literal["local", "ray"]
+OracleSource = Literal["phantom", "holdout"]
+# The classification metrics every evaluation reports, in the order tables show them.
+Metric = Literal["accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1"]
+PromotePolicy = Literal["better", "always"]
+GanPreset = Literal["auto", "stylegan2", "paper256", "cifar", "cpu64", "bench64", "tiny"]
+GanPrecision = Literal["fp32", "auto"]
+NoiseMode = Literal["random", "const", "none"]
+GenerateSnapshot = Literal["best", "final"]
+DicomWindow = Literal["lung", "header"]
+# The validate suite's checks (ctsynth.validation.suite), and those the synthetic stage adds: the
+# names `fail_on` may list (a misspelt one would otherwise only ever warn).
+SuiteCheck = Literal["readable", "complete", "labels", "size", "mode", "class_counts", "leakage_exact", "leakage_near",
+                     "duplicates_within_split", "blank"]
+SyntheticCheck = Literal[SuiteCheck, "exact_copies", "memorisation", "kid"]
+
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+HEADS: tuple[str, ...] = get_args(Head)
+ARMS: tuple[str, ...] = get_args(Arm)
+CLASSIC_OPS: tuple[str, ...] = get_args(ClassicOp)
+EXECUTORS: tuple[str, ...] = get_args(Executor)
+METRICS: tuple[str, ...] = get_args(Metric)
+GAN_PRESETS: tuple[str, ...] = get_args(GanPreset)
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
+SUITE_CHECKS: tuple[str, ...] = get_args(SuiteCheck)
+SYNTHETIC_CHECKS: tuple[str, ...] = get_args(SyntheticCheck)
+GENERATE_SNAPSHOTS: tuple[str, ...] = get_args(GenerateSnapshot)
 
 
 class Section(BaseModel):
@@ -43,7 +83,10 @@ class DataParams(Section):
     splits: list[str] = ["train", "valid", "test"]
     phantom_seed: int = 0
     # DICOM intensity: "lung" = CT in the lung window; "header" = the file's own WindowCenter/Width.
-    dicom_window: Literal["lung", "header"] = "lung"
+    dicom_window: DicomWindow = "lung"
+    # prepare's output folder outside the repository only when set (never inside the raw data);
+    # `ctsynth prepare --allow-outside-repo` sets it.
+    allow_outside_repo: bool = False
 
     @model_validator(mode="after")
     def _classes_have_aliases(self) -> "DataParams":
@@ -71,7 +114,7 @@ class ValidateParams(Section):
     near_duplicate_min_correlation: float = Field(0.98, ge=0.0, le=1.0)
     blank_max_std: float = 0.01
     # Checks named here fail the stage; every other check only warns.
-    fail_on: list[str] = [
+    fail_on: list[SuiteCheck] = [
         "readable",
         "complete",
         "labels",
@@ -87,43 +130,29 @@ class ValidateParams(Section):
 class ClassifierParams(Section):
     """One classifier training run (`train_classifier` stage). docs/study.md."""
 
-    backbone: str = "smallcnn"  # resnet18 | resnet34 | resnet50 | smallcnn
+    backbone: Backbone = "smallcnn"
     weights: str = "none"  # imagenet (torchvision's local cache) | none | a file path
     freeze_backbone: bool = False  # frozen: features cached once per image, only the head trains
-    head: str = "linear"  # linear | mlp | reference
+    head: Head = "linear"
     head_hidden: int = Field(256, ge=2)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     resolution: int = Field(64, ge=16, le=1024)  # model input side; PNGs go through preprocess_bytes
     batch_size: int = Field(32, ge=1)
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: Optimizer = "adam"
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(20, ge=1)  # at most; early stopping on validation ends sooner
     patience: int = Field(8, ge=1)  # epochs without a better validation score before stopping
-    monitor: str = "valid_loss"  # valid_loss | valid_balanced_accuracy | valid_roc_auc
+    monitor: Monitor = "valid_loss"
     augment: bool = True  # random shift up to max_shift px (not applied to cached features)
     max_shift: int = Field(4, ge=0)
-    inference_precision: str = "auto"  # auto (bf16 where the CPU has it and the check passes) | bf16 | fp32
+    inference_precision: InferencePrecision = "auto"  # auto (bf16 where the CPU has it and the check passes) | bf16 | fp32
     bf16_prob_tolerance: float = Field(0.02, gt=0)  # max |p_bf16 - p_fp32| on validation, and no label change
     bf16_feature_tolerance: float = Field(0.05, gt=0)  # max relative L2 feature error on validation
     feature_cache: str = ".cache/features"
     # Where the model, its batches and the frozen-feature extraction run (ctsynth.device:
     # auto = CUDA when available, else CPU).
     device: DeviceSetting = "auto"
-
-    @model_validator(mode="after")
-    def _known_choices(self) -> "ClassifierParams":
-        choices = {
-            "backbone": ("resnet18", "resnet34", "resnet50", "smallcnn"),
-            "head": ("linear", "mlp", "reference"),
-            "optimizer": ("adam", "adamw", "sgd"),
-            "monitor": ("valid_loss", "valid_balanced_accuracy", "valid_roc_auc"),
-            "inference_precision": ("auto", "bf16", "fp32"),
-        }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"classifier.{field}={getattr(self, field)!r} is not one of {list(allowed)}")
-        return self
 
 
 class SweepRayParams(Section):
@@ -140,19 +169,19 @@ class SweepParams(Section):
     seeds: list[int] = [0, 1, 2, 3, 4]
     # synthetic | duplicate | classic | oracle (at every ratio > 0) | synthetic_only (ratio 1 only);
     # ratio 0 is one real-only baseline shared by all arms.
-    arms: list[str] = ["synthetic", "duplicate", "classic", "oracle", "synthetic_only"]
-    classic_augmentation: list[str] = ["rotate", "scale", "intensity", "elastic"]  # + hflip
+    arms: list[Arm] = list(ARMS)
+    classic_augmentation: list[ClassicOp] = ["rotate", "scale", "intensity", "elastic"]  # + hflip
     # oracle: new genuine images. phantom: drawn from the phantom simulator with oracle_seed (the
     # embedded data only); holdout: a held-out oracle_holdout_fraction of the real train split.
     oracle: str = "data/oracle"
-    oracle_source: Literal["phantom", "holdout"] = "phantom"
+    oracle_source: OracleSource = "phantom"
     oracle_seed: int = 1
     oracle_holdout_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     synthetic: str = "data/synthetic"
     metrics_dir: str = "metrics/sweep"
     runs_dir: str = "models/classifier/runs"
     # local: a pool of worker processes on this machine; ray: one Ray task per item on $RAY_ADDRESS.
-    executor: Literal["local", "ray"] = "local"
+    executor: Executor = "local"
     workers: int = Field(0, ge=0)  # local: processes; 0 = the usable CPU cores // threads_per_item
     threads_per_item: int = Field(1, ge=1)  # local: torch threads in each worker
     retries: int = Field(1, ge=0)  # a failed item (or one whose worker died) runs again this often
@@ -164,33 +193,29 @@ class SweepParams(Section):
             raise ValueError(f"sweep.ratios must be a non-empty list of numbers >= 0, got {self.ratios}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"sweep.seeds must be a non-empty list of distinct integers, got {self.seeds}")
-        known = ("synthetic", "duplicate", "classic", "oracle", "synthetic_only")
-        if not self.arms or any(a not in known for a in self.arms) or len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"sweep.arms must be distinct names out of {list(known)}, got {self.arms}")
-        ops = ("hflip", "rotate", "scale", "intensity", "elastic")
-        if any(op not in ops for op in self.classic_augmentation):
-            raise ValueError(f"sweep.classic_augmentation must name ops out of {list(ops)}, got {self.classic_augmentation}")
+        if not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"sweep.arms must be distinct names out of {list(ARMS)}, got {self.arms}")
         return self
 
 
 class SelectParams(Section):
     """`select` stage: statistics over the sweep, champion choice (on VALIDATION), export, registry."""
 
-    metric: str = "balanced_accuracy"  # validation metric that picks the (arm, ratio) (mean over seeds) and the run
-    tie_breaker: str = "roc_auc"
+    metric: Metric = "balanced_accuracy"  # validation metric that picks the (arm, ratio) (mean over seeds) and the run
+    tie_breaker: Metric = "roc_auc"
     baseline_ratio: float = 0.0
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     # The study's statistics (docs/study.md): the test metric the arms are compared on, bootstrap
     # replicates (over seeds and test images), the family-wise error rate (Holm) and the power the
     # minimum detectable effect is stated for.
-    compare_metric: str = "balanced_accuracy"
+    compare_metric: Metric = "balanced_accuracy"
     bootstrap: int = Field(2000, ge=100)
     alpha: float = Field(0.05, gt=0.0, lt=0.5)
     power: float = Field(0.8, gt=0.5, lt=1.0)
     bootstrap_seed: int = 0
     # better: @champion moves only when the candidate beats the current champion on the same
     # validation images; always: every select moves it (the reason is recorded either way).
-    promote: Literal["better", "always"] = "better"
+    promote: PromotePolicy = "better"
     report: str = "reports/sweep.csv"
     summary: str = "metrics/summary.json"
     plot: str = "plots/ratio_vs_metric.png"
@@ -200,14 +225,6 @@ class SelectParams(Section):
     onnx: str = "models/classifier/model.onnx"
     parity_tolerance: float = Field(1e-4, gt=0)
     register_champion: bool = True
-
-    @model_validator(mode="after")
-    def _known_metrics(self) -> "SelectParams":
-        allowed = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
-        for field in ("metric", "tie_breaker", "compare_metric"):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"select.{field}={getattr(self, field)!r} is not one of {list(allowed)}")
-        return self
 
 
 class SyntheticParams(Section):
@@ -240,7 +257,7 @@ class SyntheticParams(Section):
     min_per_class: int = Field(1, ge=0)
     # These checks fail the stage; the rest only warn. Names are the validate suite's checks
     # (applied to the synthetic manifest) plus exact_copies, memorisation and kid.
-    fail_on: list[str] = [
+    fail_on: list[SyntheticCheck] = [
         "readable", "labels", "size", "mode", "class_counts", "blank", "leakage_exact", "exact_copies", "memorisation",
     ]
 
@@ -248,7 +265,7 @@ class SyntheticParams(Section):
 class GanParams(Section):
     """`train_gan`: a preset from ctsynth.gan.presets, then any GANConfig field in `overrides`."""
 
-    preset: str = "cpu64"
+    preset: GanPreset = "cpu64"
     resolution: int | None = None  # None: data.resolution
     per_class: bool = False  # False: one conditional model; True: one model per class (the study's way)
     kimg: float = Field(16.0, gt=0)
@@ -264,7 +281,7 @@ class GanParams(Section):
     allow_tf32: bool = False  # TF32 on Ampere+ GPUs (faster, less precise); recorded in MLflow
     # fp32, or auto: time a short fp32 and bf16 step on this machine at start-up (cached per machine,
     # ctsynth.gan.precision) and train in bf16 only where it is faster and passes the parity check
-    precision: Literal["fp32", "auto"] = "fp32"
+    precision: GanPrecision = "fp32"
     allow_outside_repo: bool = False  # out/report outside the repository only when set
 
 
@@ -275,10 +292,10 @@ class GenerateParams(Section):
     seed: int = 0
     psi: float = Field(1.0, ge=0.0, le=2.0)
     out_resolution: int | None = None  # None: data.resolution (the reference study resized 256 -> 224)
-    noise_mode: Literal["random", "const", "none"] = "const"
+    noise_mode: NoiseMode = "const"
     batch: int = Field(32, ge=1)
     out: str = "data/synthetic"
-    snapshot: Literal["best", "final"] = "final"  # best: the snapshot with the lowest recorded KID
+    snapshot: GenerateSnapshot = "final"  # best: the snapshot with the lowest recorded KID
     allow_outside_repo: bool = False
     # Where G_ema runs (ctsynth.device: auto = CUDA when available, else CPU).
     device: DeviceSetting = "auto"
@@ -327,3 +344,14 @@ def read_params_dict(path: str | Path | None = None) -> dict[str, Any]:
 def load_params(path: str | Path | None = None) -> Params:
     """Load and validate params.yaml (the repository's, unless a path is given)."""
     return Params.model_validate(read_params_dict(path))
+
+
+def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
+    """`params` with some keys of some sections replaced (`validation=` names the validate
+    section), validated as if params.yaml said so. A None value leaves its key as it was: that is
+    how a command-line option that was not given keeps the params value."""
+    values = params.model_dump(by_alias=True)
+    for section, updates in sections.items():
+        key = "validate" if section == "validation" else section
+        values[key] = values[key] | {name: value for name, value in updates.items() if value is not None}
+    return Params.model_validate(values)

@@ -136,38 +136,71 @@ def read_onnx_info(onnx_model: Path | str | bytes) -> OnnxModelInfo:
     )
 
 
-def cpu_session(onnx_model: Path | str | bytes, threads: int | None = None):
-    """An onnxruntime session pinned to the CPU provider (the -gpu wheel would try CUDA first)."""
+def check_input_shape(images: np.ndarray, resolution: int, what: str = "images") -> np.ndarray:
+    """The model input contract, checked the same way wherever images enter a model (registration's
+    input example, the service's /logits): float32 N x 1 x R x R. Returns the images."""
+    expected = (1, resolution, resolution)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"{what} has shape {images.shape}; expected N x {' x '.join(map(str, expected))}")
+    return images
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from the exported model's logits (one row per image, or one image's vector),
+    in float64: the one conversion every answer and every evaluation of an ONNX model uses."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def cuda_driver_present() -> bool:
+    """Whether libcuda loads; onnxruntime-gpu would otherwise log errors and fall back silently."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def onnx_session(onnx_model: Path | str | bytes, device: str | torch.device = "cpu", threads: int | None = None, spin: bool = True):
+    """The one way an onnxruntime session is made (evaluation, parity, registry, `ctsynth predict`,
+    the service).
+
+    `device`: "cpu" (pinned to the CPU provider: the -gpu wheel would try CUDA first), "cuda" or
+    "cuda:N" (the CUDA provider first, CPU as fallback, a warning when CUDA does not run it),
+    "auto" (CUDA where this onnxruntime build has the provider and a driver loads), or a resolved
+    torch.device. `threads`: intra-op threads (None: onnxruntime's choice). `spin=False` keeps the
+    worker threads from spinning between runs: in a server they would burn the cores the HTTP
+    workers need. The provider that runs it is `session.get_providers()[0]`.
+    """
     import onnxruntime as ort
 
+    setting = str(device)
+    available = ort.get_available_providers()
+    want_cuda = setting.startswith("cuda") or (setting == "auto" and "CUDAExecutionProvider" in available and cuda_driver_present())
+    if want_cuda and "CUDAExecutionProvider" not in available:
+        log.warning("device %s asked for, but onnxruntime %s has no CUDAExecutionProvider: ONNX runs on the CPU", setting, ort.__version__)
+        want_cuda = False
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if want_cuda:
+        index = int(setting.split(":")[1]) if ":" in setting else 0
+        providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    else:
+        providers = CPU_PROVIDERS
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    session = ort.InferenceSession(source, sess_options=options, providers=CPU_PROVIDERS)
-    if session.get_providers()[0] != "CPUExecutionProvider":
-        raise RuntimeError(f"onnxruntime picked {session.get_providers()} instead of the CPU provider")
-    return session
-
-
-def device_session(onnx_model: Path | str | bytes, device: torch.device, threads: int | None = None):
-    """An onnxruntime session on `device` (a resolved ctsynth.device setting): the CUDA provider
-    first when the device is a CUDA card and this onnxruntime build has that provider, else the
-    CPU provider. Returns (session, the provider that runs it: session.get_providers()[0])."""
-    import onnxruntime as ort
-
-    if device.type != "cuda" or "CUDAExecutionProvider" not in ort.get_available_providers():
-        if device.type == "cuda":
-            log.warning("device %s asked for, but onnxruntime %s has no CUDAExecutionProvider: ONNX runs on the CPU", device, ort.__version__)
-        session = cpu_session(onnx_model, threads)
-        return session, session.get_providers()[0]
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     session = ort.InferenceSession(source, sess_options=options, providers=providers)
-    return session, session.get_providers()[0]
+    got = session.get_providers()
+    if want_cuda and got[0] != "CUDAExecutionProvider":
+        log.warning("CUDA was requested but onnxruntime runs on %s", got)
+    if not want_cuda and got[0] != "CPUExecutionProvider":
+        raise RuntimeError(f"onnxruntime picked {got} instead of the CPU provider")
+    return session
 
 
 def check_parity(
@@ -190,7 +223,7 @@ def check_parity(
         raise ValueError(f"check_parity: images must be N x 1 x R x R, got shape {images.shape}")
     if len(images) == 0:
         raise ValueError("check_parity: no images given; parity on nothing proves nothing")
-    session = cpu_session(onnx_path)
+    session = onnx_session(onnx_path)
     was_training = model.training
     device = next(model.parameters(), torch.empty(0)).device
     model.eval()

@@ -4,7 +4,10 @@
                             example), the PyTorch weights and the metrics, registers a new version
                             of `ctsynth-classifier` and points the alias `champion` at it.
     load_champion()         what serving and `ctsynth predict` call: the ONNX bytes of
-                            `models:/ctsynth-classifier@champion` with its classes and resolution.
+                            `models:/ctsynth-classifier@champion` with its classes and resolution,
+                            as a ChampionModel that makes its onnxruntime session for a device,
+                            predicts probabilities, checks an input's shape and builds the answer
+                            of /predict and `ctsynth predict` (so serving needs no other module).
 
 The classes and the resolution are read back from the ONNX file's own metadata (written by
 ctsynth.export.export_onnx), so the registry and a copied ONNX file can never disagree.
@@ -22,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from ctsynth import tracking
+from ctsynth.export import INPUT_NAME, OUTPUT_NAME, check_input_shape, onnx_session, read_onnx_info, softmax
+from ctsynth.jsonable import jsonable
 from ctsynth.paths import file_md5
-from ctsynth.export import INPUT_NAME, OUTPUT_NAME, cpu_session, read_onnx_info
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,32 @@ class ChampionModel:
     run_id: str | None = None
     source: str = ""  # where it came from: a models:/ URI or a file path
 
-    def session(self, threads: int | None = None):
-        """A CPU onnxruntime session over this model."""
-        return cpu_session(self.onnx_bytes, threads=threads)
+    def session(self, device: str = "cpu", threads: int | None = None, spin: bool = True):
+        """An onnxruntime session over this model on `device` (cpu, cuda[:N], auto; see
+        ctsynth.export.onnx_session, the one session factory)."""
+        return onnx_session(self.onnx_bytes, device=device, threads=threads, spin=spin)
+
+    def check_input(self, images: np.ndarray) -> np.ndarray:
+        """Images must be the model input this model was exported for: float32 N x 1 x R x R."""
+        return check_input_shape(images, self.resolution)
+
+    def predict(self, images: np.ndarray, session=None) -> np.ndarray:
+        """N x C class probabilities for preprocessed images (ctsynth.data.preprocess), run on
+        `session` (default: a CPU session of this model)."""
+        session = session or self.session()
+        images = self.check_input(np.ascontiguousarray(images, dtype=np.float32))
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})
+        return softmax(logits)
+
+    def answer(self, logits: np.ndarray) -> dict[str, Any]:
+        """One image's logits as the answer of `ctsynth predict` and the service's /predict: the
+        most probable label, the probability of every class, and which model answered."""
+        probabilities = softmax(np.asarray(logits).reshape(-1))
+        return {
+            "label": self.classes[int(probabilities.argmax())],
+            "probabilities": {c: float(p) for c, p in zip(self.classes, probabilities)},
+            "model": {"name": self.name, "version": str(self.version)},
+        }
 
 
 def _signature(resolution: int, n_classes: int):
@@ -107,12 +134,8 @@ def register_champion(
     if not onnx_path.is_file():
         raise FileNotFoundError(f"register_champion: ONNX file {onnx_path} does not exist; export it first")
     info = read_onnx_info(onnx_path)
-    input_example = np.ascontiguousarray(input_example, dtype=np.float32)
-    expected_shape = (1, info.resolution, info.resolution)
-    if input_example.ndim != 4 or input_example.shape[1:] != expected_shape:
-        raise ValueError(
-            f"register_champion: input_example has shape {input_example.shape}; expected N x {' x '.join(map(str, expected_shape))}"
-        )
+    input_example = check_input_shape(np.ascontiguousarray(input_example, dtype=np.float32), info.resolution,
+                                      "register_champion: input_example")
     # Metrics that are numbers go to MLflow metrics; the whole dict (confusion matrices, CIs) is an artifact.
     numeric_metrics = {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
@@ -161,7 +184,7 @@ def register_champion(
         with tempfile.TemporaryDirectory() as tmp:
             for file_name, content in ((METRICS_ARTIFACT, metrics), (PARAMS_ARTIFACT, params or {})):
                 path = Path(tmp) / file_name
-                path.write_text(json.dumps(content, indent=2, sort_keys=True, default=_jsonable))
+                path.write_text(json.dumps(jsonable(content, nan_as_null=False), indent=2, sort_keys=True, default=str))
                 mlflow.log_artifact(str(path), artifact_path=prefix)
         if torch_state_path is not None:
             mlflow.log_artifact(str(torch_state_path), artifact_path=f"{prefix}/{TORCH_ARTIFACT_DIR}")
@@ -202,13 +225,6 @@ class _null_context:
         return None
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
 
 @dataclass(frozen=True)
 class Promotion:
@@ -223,10 +239,9 @@ class Promotion:
 def _onnx_metric(onnx_bytes_or_path, inputs: np.ndarray, labels: np.ndarray, classes: list[str], metric: str) -> float:
     from ctsynth.classifier.evaluate import classification_metrics
 
-    session = cpu_session(onnx_bytes_or_path)
+    session = onnx_session(onnx_bytes_or_path)
     logits = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: inputs[i : i + 64]})[0] for i in range(0, len(inputs), 64)])
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return float(classification_metrics(labels, shifted / shifted.sum(axis=1, keepdims=True), classes)[metric])
+    return float(classification_metrics(labels, softmax(logits), classes)[metric])
 
 
 def promote_if_better(

@@ -1,4 +1,5 @@
-"""The study's report: one self-contained HTML page (reports/summary.html) a person can open.
+"""The study's report: one self-contained HTML page (reports/summary.html) a person can open, and
+the terminal summary of `ctsynth summary`. ctsynth.stages.report writes the page and logs it.
 
 It collects what the stages wrote — data validation, GAN curves and image grids, synthetic-data
 quality and memorisation, the ratio sweep's statistics and plot — and adds the champion's
@@ -101,7 +102,7 @@ def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes
     from ctsynth.classifier.evaluate import classification_metrics
     from ctsynth.data.mixing import ImageDataset, real_split
     from ctsynth.device import resolve_device
-    from ctsynth.export import device_session, read_onnx_info
+    from ctsynth.export import onnx_session, read_onnx_info, softmax
 
     info = read_onnx_info(onnx_model)
     if list(info.classes) != list(classes):
@@ -109,11 +110,11 @@ def evaluate_onnx_on_split(onnx_model: Path, prepared: Path, split: str, classes
     items = real_split(prepared, split, classes)
     inputs = ImageDataset(items, info.resolution).inputs.numpy()
     labels = np.array([classes.index(item.label) for item in items], dtype=np.int64)
-    session, provider = device_session(onnx_model, resolve_device(device))
+    session = onnx_session(onnx_model, resolve_device(device))
+    provider = session.get_providers()[0]
     log.info("champion ONNX evaluation on %s with %s", split, provider)
     logits = np.concatenate([session.run(["logits"], {"image": inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)])
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    probabilities = softmax(logits)
     return ChampionEvaluation(list(classes), labels, probabilities, classification_metrics(labels, probabilities, list(classes)), provider)
 
 
@@ -412,40 +413,6 @@ def render_report(params: Params, root: Path, inputs: ReportInputs | None = None
         f"git commit {_e(git_commit(root)[:12])}; written {created}.</p>"
         f"<ol>{contents}</ol>{body}</body></html>\n"
     )
-
-
-def write_report(params: Params, root: Path, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(params, root), encoding="utf-8")
-    log.info("report written to %s (%.1f kB)", out, out.stat().st_size / 1024)
-    return out
-
-
-def sweep_parent_run_id(sweep_table: Path, champion_run_id: str | None) -> str | None:
-    """The sweep's MLflow parent run: the champion row's parent_run_id in reports/sweep.csv."""
-    import pandas as pd
-
-    table = pd.read_csv(sweep_table, dtype={"run_id": str, "parent_run_id": str})
-    rows = table[table["run_id"] == champion_run_id] if champion_run_id else table
-    parents = rows["parent_run_id"].dropna()
-    return str(parents.iloc[0]) if len(parents) else None
-
-
-def log_report_to_parent_run(report: Path, study: Path, sweep_table: Path, root: Path) -> str | None:
-    """Attach the HTML to the sweep's parent run (artifact path report/); returns the run id."""
-    from mlflow import MlflowClient
-
-    from ctsynth import tracking
-
-    champion = json.loads(study.read_text()).get("champion", {})
-    parent = sweep_parent_run_id(sweep_table, champion.get("run_id"))
-    if not parent:
-        log.warning("no sweep parent run in %s: the report is not logged to MLflow", sweep_table)
-        return None
-    tracking.configure(root)
-    MlflowClient().log_artifact(parent, str(report), artifact_path="report")
-    log.info("report logged to MLflow run %s (artifact report/%s)", parent, report.name)
-    return parent
 
 
 # ------------------------------------------------------------------------------------------------

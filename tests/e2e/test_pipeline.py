@@ -231,7 +231,7 @@ def test_served_champion_answers_predict(study, tmp_path):
         "DVC_ROOT": str(repo),
         "CTSYNTH_ORT_DEVICE": "cpu",
         "BENTOML_HOME": str(tmp_path / "bentoml"),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
     }
     server = Server(server_env, tmp_path / "server.log")
     try:

@@ -272,9 +272,9 @@ def registry_server(tmp_path_factory):
 
 
 def _expected_probabilities(onnx_path: Path, data: bytes) -> np.ndarray:
-    from ctsynth.export import cpu_session
+    from ctsynth.export import onnx_session
 
-    (logits,) = cpu_session(onnx_path).run(["logits"], {"image": preprocess_bytes(data, RESOLUTION)[None]})
+    (logits,) = onnx_session(onnx_path).run(["logits"], {"image": preprocess_bytes(data, RESOLUTION)[None]})
     exp = np.exp(logits[0] - logits[0].max())
     return exp / exp.sum()
 
@@ -356,12 +356,12 @@ def test_batch_counters_and_the_batchable_array_path(registry_server):
     assert 1 <= after["predict"]["batches"] - before["predict"]["batches"] <= len(inputs)
 
     # /logits: preprocessed arrays (the same preprocessing function), batched by BentoML
-    from ctsynth.export import cpu_session
+    from ctsynth.export import onnx_session
 
     arrays = [preprocess_bytes(data, RESOLUTION)[None] for data in inputs]  # each 1 x 1 x R x R
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda a: requests.post(f"{server.url}/logits", json={"images": a.tolist()}, timeout=30), arrays))
-    session = cpu_session(onnx_path)
+    session = onnx_session(onnx_path)
     for array, answer in zip(arrays, answers):
         assert answer.status_code == 200, answer.text
         (expected,) = session.run(["logits"], {"image": array})
@@ -422,9 +422,9 @@ def test_an_elongated_image_is_scaled_before_padding(registry_server):
     data = _png(np.tile(np.linspace(0, 255, 5000).astype(np.uint8), (150, 1)))
     response = server.predict(files={"image": ("wide.png", data, "image/png")})
     assert response.status_code == 200, response.text
-    from ctsynth.export import cpu_session
+    from ctsynth.export import onnx_session
 
-    (logits,) = cpu_session(onnx_path).run(["logits"], {"image": preprocess_bytes(data, RESOLUTION, max_pixels=MAX_PIXELS)[None]})
+    (logits,) = onnx_session(onnx_path).run(["logits"], {"image": preprocess_bytes(data, RESOLUTION, max_pixels=MAX_PIXELS)[None]})
     expected = np.exp(logits[0] - logits[0].max())
     np.testing.assert_allclose([response.json()["probabilities"][c] for c in CLASSES], expected / expected.sum(), atol=1e-5)
 
@@ -473,10 +473,10 @@ def test_openapi_document_validates(registry_server):
 
 def test_bentoml_client_and_plain_http_client(registry_server):
     server, onnx_path, version = registry_server
-    from ctsynth.export import cpu_session
+    from ctsynth.export import onnx_session
 
     arrays = np.stack([preprocess_bytes(_png(_slice(300 + i)), RESOLUTION) for i in range(3)])  # 3 x 1 x R x R
-    (expected,) = cpu_session(onnx_path).run(["logits"], {"image": arrays})
+    (expected,) = onnx_session(onnx_path).run(["logits"], {"image": arrays})
     with bentoml.SyncHTTPClient(server.url) as client:
         np.testing.assert_allclose(np.asarray(client.logits(images=arrays)), expected, atol=1e-5)
         assert client.model_info()["version"] == version

@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctsynth.config import BACKBONES
+
 log = logging.getLogger(__name__)
 
-RESNETS = ("resnet18", "resnet34", "resnet50")
+BACKBONE_NAMES = BACKBONES  # classifier.backbone's choices (config.Backbone)
+RESNETS = tuple(name for name in BACKBONE_NAMES if name.startswith("resnet"))
 SMALL_CNN = "smallcnn"
-BACKBONE_NAMES = (*RESNETS, SMALL_CNN)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

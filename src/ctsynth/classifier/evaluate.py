@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ctsynth.config import METRICS
+from ctsynth.jsonable import jsonable
+
 NEGATIVE_CLASS = "normal"
-METRIC_NAMES = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+METRIC_NAMES = METRICS  # config.Metric: the metrics select may choose and compare by
 
 
 def positive_class_ids(classes: list[str]) -> list[int]:
@@ -162,7 +165,7 @@ def write_item_result(metrics_dir: Path, name: str, record: dict, classes: list[
     """
     metrics_path, details_path = item_files(metrics_dir, name)
     details_path.parent.mkdir(parents=True, exist_ok=True)
-    details_path.write_text(json.dumps(_json_safe({**record, "name": name}), indent=1) + "\n")
+    details_path.write_text(json.dumps(jsonable({**record, "name": name}), indent=1) + "\n")
     metrics_path.write_text(json.dumps(flat_item_metrics(record, classes), indent=2) + "\n")
     return metrics_path, details_path
 
@@ -179,16 +182,3 @@ def read_item_details(metrics_dir: Path, name: str) -> dict:
         raise ValueError(f"{details_path} is not a train_classifier details file ({exc!r})") from exc
     return record
 
-
-def _json_safe(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    return value

@@ -1,6 +1,6 @@
 """Run every item of the sweep: reuse what is cached, run the rest on a back end, retry once.
 
-    run_sweep(params, root)            # the train_classifier stage
+    run_sweep(params, root)            # what the train_classifier stage (ctsynth.stages.train_classifier) runs
 
 1. The sweep id (params + data), the parent MLflow run and each item's cache key are computed once.
    An item whose metrics file carries its current cache key (and whose weights are there) is

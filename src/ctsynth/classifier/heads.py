@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from ctsynth.classifier.backbones import Backbone
+from ctsynth.config import HEADS
 
-HEAD_NAMES = ("linear", "mlp", "reference")
+HEAD_NAMES = HEADS  # classifier.head's choices (config.Head)
 
 
 def create_head(name: str, in_features: int, n_classes: int, hidden: int = 256, dropout: float = 0.2) -> nn.Module:

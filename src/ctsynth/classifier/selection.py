@@ -1,4 +1,5 @@
-"""The `select` stage's library: the study's table, statistics, verdicts, plots, and the champion.
+"""The `select` stage's computations: the study's table, statistics, verdicts, plots, and the champion
+(ctsynth.stages.select_champion reads the sweep's files, exports, registers and logs).
 
 Only the items of the current matrix (sweep.arms x sweep.ratios x sweep.seeds, ctsynth.classifier.
 sweep.sweep_items) are read; any other metrics/sweep/*.json (a removed ratio, a manual run) is
@@ -13,7 +14,6 @@ beats the current champion on the same validation images (`select.promote: bette
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -322,127 +322,3 @@ def flat_summary(statistics: dict, champion: dict, gan: dict | None) -> dict:
         flat["gan_test"] = gan[metric]["estimate"]
     flat["champion_test"] = champion["test"][metric]
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in flat.items()}
-
-
-def _jsonable(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
-
-
-def run_select(params, root: Path) -> dict:
-    """The whole `select` stage: table, statistics, verdicts, plots, champion, ONNX export + parity,
-    registry (promoted only when better). Returns the study's details (reports/study.json)."""
-    import torch
-
-    from ctsynth.classifier.train import build_classifier
-    from ctsynth.data.mixing import ImageDataset, real_split
-    from ctsynth.export import check_parity, export_onnx
-
-    select = params.select
-    records = load_sweep_records(params, resolve(params.sweep.metrics_dir, root))
-    table = sweep_table(records)
-    report = resolve(select.report, root)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(report, index=False, float_format="%.6f")
-
-    classes = params.data.classes
-    study = study_statistics(records, classes, select)
-    study["gan_test"] = gan_test(params, records, root, select)
-    for line in study["verdicts"]:
-        log.info("verdict: %s", line)
-    (arm, best_ratio), best, ranking = choose_champion(table, select.metric, select.tie_breaker)
-    study["champion"] = {
-        "chosen_by": f"validation {select.metric} (tie: {select.tie_breaker}), over every arm",
-        "arm": arm,
-        "ratio": best_ratio,
-        "seed": int(best["seed"]),
-        "name": str(best["name"]),
-        "run_id": best["run_id"],
-        f"valid_{select.metric}": float(best[f"valid_{select.metric}"]),
-        "test": {m: float(best[f"test_{m}"]) for m in METRIC_NAMES},
-        "ranking": ranking.to_dict(orient="records"),
-    }
-    plot_arms(table, study, resolve(select.plot, root))
-    plot_signal(study, study["gan_test"], resolve(select.signal_plot, root))
-    plot_rows(study).to_csv(resolve(select.plot_data, root), index=False, float_format="%.6f")
-
-    # Rebuild the chosen run's model from its weights, export it and check onnxruntime against it.
-    model = build_classifier(params.classifier, len(classes), structure_only=True)
-    state_path = resolve(str(best["state_dict"]), root)
-    model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-    model.eval()
-    onnx_path = export_onnx(model, params.classifier.resolution, classes, resolve(select.onnx, root),
-                            extra_metadata={"arm": arm, "ratio": f"{best_ratio:g}", "seed": str(int(best["seed"])), "run_id": str(best["run_id"])})
-    valid_inputs = ImageDataset(real_split(resolve(params.data.prepared, root), "valid", classes), params.classifier.resolution).inputs.numpy()
-    max_diff = check_parity(model, onnx_path, valid_inputs, atol=select.parity_tolerance)
-    study["champion"]["onnx"] = {"path": str(select.onnx), "parity_max_abs_logit_diff": max_diff, "tolerance": select.parity_tolerance, "n_images": int(len(valid_inputs))}
-
-    summary_path, details_path = resolve(select.summary, root), resolve(select.details, root)
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    details_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write() -> None:
-        summary_path.write_text(json.dumps(_jsonable(flat_summary(study, study["champion"], study["gan_test"])), indent=2) + "\n")
-        details_path.write_text(json.dumps(_jsonable(study), indent=1) + "\n")
-
-    write()
-    if select.register_champion:
-        from ctsynth.registry import promote_if_better, register_champion
-
-        parent = str(best["parent_run_id"]) or None
-        if parent:
-            _log_study_to_parent(parent, study, table, report, [resolve(select.plot, root), resolve(select.signal_plot, root)], root)
-        champion_record = next(r for r in records if r["name"] == best["name"])
-        valid_labels = np.array([item.label_id for item in real_split(resolve(params.data.prepared, root), "valid", classes)])
-        decision = promote_if_better(onnx_path, valid_inputs, valid_labels, classes, select.metric, select.promote, root=root)
-        version = register_champion(
-            onnx_path,
-            state_path,
-            metrics={"ratio": best_ratio, "seed": int(best["seed"]), **{f"valid_{m}": champion_record["valid"][m] for m in METRIC_NAMES},
-                     **{f"test_{m}": champion_record["test"][m] for m in METRIC_NAMES}, "onnx_parity_max_abs_diff": max_diff},
-            params={"classifier": params.classifier.model_dump(), "arm": arm, "ratio": best_ratio, "seed": int(best["seed"])},
-            input_example=valid_inputs[:2],
-            run_id=parent,
-            artifacts={"summary": summary_path, "study": details_path, "sweep": report},
-            tags={"source_run_id": str(best["run_id"]), "arm": arm, "ratio": f"{best_ratio:g}", "seed": str(int(best["seed"])), **decision.tags},
-            root=root,
-            move_alias=decision.promote,
-            description=decision.reason,
-        )
-        study["champion"]["registered"] = {"name": "ctsynth-classifier", "version": version, "promoted": decision.promote, "reason": decision.reason}
-        write()
-    return study
-
-
-def _log_study_to_parent(parent_run_id: str, study: dict, table: pd.DataFrame, report: Path, plots: list[Path], root: Path) -> None:
-    """The comparisons table and the verdicts on the sweep's parent run (plus per-arm means as
-    metrics, step = ratio x 100), so the MLflow UI shows the study's answer next to its children."""
-    import tempfile
-
-    from mlflow import MlflowClient
-
-    from ctsynth import tracking
-
-    tracking.configure(root)
-    client = MlflowClient()
-    metric = study["metric"]
-    for entry in study["arms"].values():
-        value = entry[metric]["estimate"]
-        if value is not None and not math.isnan(value):
-            client.log_metric(parent_run_id, f"mean_test_{metric}/{entry['arm']}", value, step=int(round(entry["ratio"] * 100)))
-    comparisons = pd.DataFrame([{k: c[k] for k in ("arm", "other", "ratio", "difference", "low", "high", "p_value", "p_holm", "mde", "significant")}
-                                for c in study["comparisons"]])
-    with tempfile.TemporaryDirectory() as tmp:
-        table_path, verdict_path = Path(tmp) / "comparisons.csv", Path(tmp) / "verdicts.txt"
-        comparisons.to_csv(table_path, index=False, float_format="%.6f")
-        verdict_path.write_text("\n".join(study["verdicts"]) + "\n")
-        for path in (table_path, verdict_path, report, *plots):
-            client.log_artifact(parent_run_id, str(path), artifact_path="study")
-    client.set_tag(parent_run_id, "verdicts", "\n".join(study["verdicts"])[:4900])

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ctsynth import config
 from ctsynth.data.preprocess import preprocess_bytes
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 REAL, SYNTHETIC, DUPLICATE, CLASSIC, ORACLE = "real", "synthetic", "duplicate", "classic", "oracle"
 SYNTHETIC_ONLY = "synthetic_only"
 BASELINE_ARM = REAL  # ratio 0: no image added, one set shared by every arm
-ARMS = (SYNTHETIC, DUPLICATE, CLASSIC, ORACLE, SYNTHETIC_ONLY)
-CLASSIC_OPS = ("hflip", "rotate", "scale", "intensity", "elastic")
+ARMS = config.ARMS  # sweep.arms' choices (config.Arm); the names above are its members
+CLASSIC_OPS = config.CLASSIC_OPS
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from tqdm import tqdm
 from ctsynth.config import SyntheticParams
 from ctsynth.gan import checkpoint as ckpt
 from ctsynth.gan.augment import AdaptiveP, AugmentPipe
-from ctsynth.gan.checkpoint import NETWORK_FORMAT, RESUMABLE_CHANGES, build_networks  # noqa: F401 (re-exported)
-from ctsynth.gan.grid import fixed_seed_grid, one_hot, save_image_grid, tile, to_uint8  # noqa: F401 (re-exported)
+from ctsynth.gan.checkpoint import NETWORK_FORMAT, build_networks
+from ctsynth.gan.grid import fixed_seed_grid, one_hot, save_image_grid
 from ctsynth.gan.loss import StyleGAN2Loss, lazy_regularization_adam
 from ctsynth.gan.presets import GANConfig
 
@@ -269,6 +269,12 @@ class GANTrainer:
 
     # -- state ---------------------------------------------------------------
 
+    @property
+    def augment_p(self) -> float:
+        """ADA's current augmentation probability (0 without an augmentation pipe): what the
+        snapshots, the final network, the tick log and the resume message record."""
+        return float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": NETWORK_FORMAT,
@@ -279,7 +285,7 @@ class GANTrainer:
             "G_ema": self.G_ema.state_dict(),
             "opt_G": self.opt_G.state_dict(),
             "opt_D": self.opt_D.state_dict(),
-            "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
+            "augment_p": self.augment_p,
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "loss": self.loss.state_dict(),
             "cur_nimg": self.cur_nimg,
@@ -413,7 +419,7 @@ class GANTrainer:
         images = self.cur_nimg - self._tick_start_nimg
         record = {name: float(np.mean(values)) for name, values in self._tick_stats.items()}
         record["kimg"] = self.cur_nimg / 1000
-        record["ADA/p"] = float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0
+        record["ADA/p"] = self.augment_p
         record["Speed/images_per_s"] = images / elapsed if elapsed > 0 else 0.0
         record["Speed/s_per_kimg"] = elapsed / images * 1000 if images else 0.0
         self._tick_stats = {}
@@ -455,7 +461,7 @@ class GANTrainer:
 
             mlflow.log_artifact(str(grid_path), artifact_path="grids")
         kid_text = f", KID {quality['kid']:.4g} (floor {quality['kid_floor']:.4g})" if quality else ""
-        log.info("snapshot %s (kimg %.2f, p %.3f%s)", path.name, self.cur_nimg / 1000, record_p(self), kid_text)
+        log.info("snapshot %s (kimg %.2f, p %.3f%s)", path.name, self.cur_nimg / 1000, self.augment_p, kid_text)
         return path
 
     def _write_quality(self, path: Path, quality: dict[str, float]) -> None:
@@ -485,7 +491,7 @@ class GANTrainer:
             "classes": list(self.options.classes),
             "G_ema": self.G_ema.state_dict(),
             "cur_nimg": self.cur_nimg,
-            "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
+            "augment_p": self.augment_p,
             "mlflow_run_id": self.mlflow_run_id or "",
         }
         ckpt.atomic_torch_save(final, path)
@@ -531,10 +537,6 @@ class GANTrainer:
         return final
 
 
-def record_p(trainer: GANTrainer) -> float:
-    return float(trainer.augment_pipe.p) if trainer.augment_pipe is not None else 0.0
-
-
 # ---------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------
@@ -577,7 +579,7 @@ def train_gan(cfg: GANConfig, data: TrainingData, options: TrainOptions) -> Path
         if found is not None:
             path, state = found
             trainer.load_state_dict(state)
-            log.info("resumed from %s at kimg %.3f with p %.4f", path, trainer.cur_nimg / 1000, record_p(trainer))
+            log.info("resumed from %s at kimg %.3f with p %.4f", path, trainer.cur_nimg / 1000, trainer.augment_p)
     if found is None and options.init_from is not None:  # a resumed transfer run continues its own snapshots
         trainer.init_from(Path(options.init_from))
     rank, _ = world()

@@ -1,8 +1,9 @@
 """Synthetic-data quality at small n: KID, Fréchet distance, k-NN precision/recall, memorisation.
 
 Every metric here is a plain function of two feature (or pixel) arrays, so it can be tested on
-hand-made inputs; `features.py` decides what the arrays are, `pipelines/validate_synthetic.py`
-decides which sets are compared (synthetic vs. real, and real vs. real as the floor).
+hand-made inputs; `features.py` decides what the arrays are, `synthetic.py` which sets are compared
+(synthetic vs. real, and real vs. real as the floor); the stage that reads and writes the files is
+ctsynth.stages.validate_synthetic.
 """
 
 from ctsynth.metrics.frechet import frechet_distance

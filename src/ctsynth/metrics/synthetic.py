@@ -1,4 +1,6 @@
-"""`validate_synthetic`: is the synthetic set realistic, varied, and not a copy of the training set?
+"""Is the synthetic set realistic, varied, and not a copy of the training set? The numbers and checks
+of the `validate_synthetic` stage (ctsynth.stages.validate_synthetic reads the folders, writes the
+files and logs the run).
 
 Which sets are compared, so that every synthetic number has a real-vs-real floor computed the
 same way:
@@ -16,7 +18,6 @@ data resolution); its floor is the same statistic for the real validation images
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ctsynth.config import DataParams, SyntheticParams, ValidateParams
-from ctsynth.device import resolve_device
-from ctsynth.data.manifest import MANIFEST_COLUMNS, STATUS_OK, STATUS_UNREADABLE, phash, read_manifest, sha256_bytes
+from ctsynth.data.manifest import MANIFEST_COLUMNS, STATUS_OK, STATUS_UNREADABLE, phash, sha256_bytes
 from ctsynth.data.preprocess import ImageDecodeError, decode_image, preprocess_bytes, square_resize
 from ctsynth.metrics.features import InceptionFeatures, PixelPCAFeatures, find_inception_weights
 from ctsynth.metrics.frechet import frechet_distance
@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_MANIFEST = "manifest.csv"
 SYNTHETIC_REQUIRED_COLUMNS = ("path", "label", "label_id", "seed")
-METRICS_FILE = "metrics.json"  # DVC metrics: the headline numbers only (see headline_metrics)
-DETAILS_FILE = "details.json"  # everything: per class, floors' spreads, checks with offending files
-FIGURE_FILE = "nearest_neighbours.png"
 SYNTHETIC_SPLIT = "synthetic"
 
 
@@ -55,15 +52,6 @@ class ImageSet:
     labels: np.ndarray  # N, class names
     names: list[str]  # paths as written in the manifest
     unreadable: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class SyntheticValidationResult:
-    success: bool
-    metrics: dict[str, Any]
-    failures: list[str]
-    metrics_path: Path
-    figure_path: Path | None
 
 
 def read_synthetic_manifest(folder: Path) -> pd.DataFrame:
@@ -380,7 +368,7 @@ def headline_metrics(metrics: dict[str, Any], params: SyntheticParams) -> dict[s
     return headline
 
 
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The headline numbers as flat MLflow metric names."""
     flat: dict[str, float] = {}
     groups = {"overall": metrics["quality"]["overall"], **{f"class.{k}": v for k, v in metrics["quality"]["per_class"].items()}}
@@ -404,106 +392,3 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             flat[f"memorisation.nn_median{suffix}"] = float(memo[which]["nn_median"])
     flat["success"] = float(metrics["success"])
     return flat
-
-
-def validate_synthetic(
-    synthetic_dir: Path,
-    prepared_dir: Path,
-    report_dir: Path,
-    data_params: DataParams,
-    params: SyntheticParams,
-    validate_params: ValidateParams | None = None,
-    log_to_mlflow: bool = True,
-) -> SyntheticValidationResult:
-    """Run the manifest checks and the quality metrics; write metrics.json (headline numbers),
-    details.json (everything) and the figure; log to MLflow.
-
-    `validate_params` (the validate stage's section) runs its Great Expectations suite on the
-    synthetic manifest; None skips the suite and keeps only the metric checks.
-    """
-    synthetic_dir, prepared_dir, report_dir = Path(synthetic_dir), Path(prepared_dir), Path(report_dir)
-    device = resolve_device(params.device)
-    classes = list(data_params.classes)
-    resolution = data_params.resolution
-
-    synthetic_manifest = read_synthetic_manifest(synthetic_dir)
-    unknown = sorted(set(synthetic_manifest["label"]) - set(classes))
-    if unknown:
-        log.warning("synthetic manifest has labels %s outside data.classes %s; those rows are left out of the metrics", unknown, classes)
-    known = synthetic_manifest[synthetic_manifest["label"].isin(classes)]
-    prepared = read_manifest(prepared_dir)
-    prepared = prepared[prepared["status"] == STATUS_OK]
-    train_rows = prepared[prepared["split"] == "train"]
-    valid_rows = prepared[prepared["split"] == "valid"]
-    if len(train_rows) < 4:
-        raise ValueError(f"{prepared_dir}: only {len(train_rows)} readable train images; the metrics need real images to compare with")
-
-    synthetic = load_images(synthetic_dir, known["path"].tolist(), known["label"].tolist(), resolution, "synthetic images")
-    train = load_images(prepared_dir, train_rows["path"].tolist(), train_rows["label"].tolist(), resolution, "train images")
-    valid = load_images(prepared_dir, valid_rows["path"].tolist(), valid_rows["label"].tolist(), resolution, "valid images")
-    if len(synthetic.images) == 0:
-        raise ValueError(f"{synthetic_dir}: none of the {len(synthetic_manifest)} synthetic images could be read")
-
-    checks: dict[str, dict[str, Any]] = {}
-    if validate_params is not None:
-        checks.update(suite_checks(synthetic_manifest, synthetic_dir, train_rows, prepared_dir, data_params, validate_params, params))
-
-    memo, overall_memo = memorisation_metrics(train, synthetic, valid, classes, params)
-    metrics: dict[str, Any] = {
-        "n": {
-            "synthetic_rows": int(len(synthetic_manifest)),
-            "synthetic_read": int(len(synthetic.images)),
-            "synthetic_unreadable": synthetic.unreadable,
-            "synthetic_unknown_labels": unknown,
-            "synthetic_per_class": {c: int((synthetic.labels == c).sum()) for c in classes},
-            "train_per_class": {c: int((train.labels == c).sum()) for c in classes},
-            "valid": int(len(valid.images)),
-        },
-        "quality": quality_metrics(train, synthetic, classes, params, device),
-        "memorisation": memo,
-    }
-    checks.update(quality_checks(metrics, params))
-    for name, check in checks.items():
-        check["fails_stage"] = name in params.fail_on
-    failures = [name for name, check in checks.items() if not check["success"] and check["fails_stage"]]
-    warnings = [name for name, check in checks.items() if not check["success"] and not check["fails_stage"]]
-    metrics["checks"] = checks
-    metrics["failures"] = failures
-    metrics["success"] = not failures
-    for name in warnings:
-        log.warning("check %s failed (warning only): %s", name, checks[name].get("detail", ""))
-    for name in failures:
-        log.error("check %s failed: %s", name, checks[name].get("detail", ""))
-
-    report_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, details_path = report_dir / METRICS_FILE, report_dir / DETAILS_FILE
-    metrics_path.write_text(json.dumps(headline_metrics(metrics, params), indent=2) + "\n", encoding="utf-8")
-    details_path.write_text(json.dumps(metrics, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
-    figure_path = nearest_neighbour_figure(synthetic, train, overall_memo, params.nearest_neighbour_rows, report_dir / FIGURE_FILE)
-    log.info("wrote %s, %s and %s", metrics_path, details_path, figure_path)
-
-    if log_to_mlflow:
-        _log_to_mlflow(metrics, params, [metrics_path, details_path, figure_path], lineage=[prepared_dir, synthetic_dir], device=device)
-    return SyntheticValidationResult(not failures, metrics, failures, metrics_path, figure_path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def _log_to_mlflow(metrics: dict[str, Any], params: SyntheticParams, files: list[Path], lineage: list[Path], device) -> None:
-    from ctsynth.device import record_device
-    from ctsynth.tracking import EXPERIMENT_GAN, log_lineage, start_run
-
-    with start_run(EXPERIMENT_GAN, "validate_synthetic", tags={"stage": "validate_synthetic"}) as run:
-        import mlflow
-
-        mlflow.log_params({f"synthetic.{k}": v for k, v in params.model_dump().items()})
-        mlflow.log_metrics(_flat_metrics(metrics))
-        log_lineage(lineage, context="evaluation")
-        record_device(params.device, device)
-        for file in files:
-            mlflow.log_artifact(str(file), artifact_path="synthetic")
-        log.info("logged validate_synthetic to MLflow run %s", run.info.run_id)
