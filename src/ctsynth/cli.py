@@ -162,6 +162,22 @@ def _report(args: argparse.Namespace) -> int:
     return _run_stage(args, "report", {}, out=args.out)
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from ctsynth import tracking
+    from ctsynth.registry import ChampionNotFoundError, lineage, run_lineage
+
+    tracking.configure()
+    try:
+        walk = run_lineage(args.run) if args.run else lineage(args.model, args.alias)
+    except ChampionNotFoundError as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(walk, indent=2))
+    return 0
+
+
 def _summary(args: argparse.Namespace) -> int:
     from ctsynth.config import load_params
     from ctsynth.paths import repo_root
@@ -275,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="write the self-contained HTML study report (reports/summary.html)")
     p.add_argument("--out", default="reports/summary.html", help="HTML file to write (relative to the repository root)")
     p.set_defaults(handler=_report)
+
+    p = commands.add_parser("lineage", help="walk back from the champion (or a run) to its data versions, commit and generator, as JSON")
+    p.add_argument("--model", default="ctsynth-classifier", help="registered model name")
+    p.add_argument("--alias", default="champion", help="the version's alias")
+    p.add_argument("--run", default=None, help="a sweep item's MLflow run id instead of a registered model")
+    p.set_defaults(handler=_lineage)
 
     p = commands.add_parser("summary", help="print the sweep table with CIs, the champion and where to look next")
     p.set_defaults(handler=_summary)

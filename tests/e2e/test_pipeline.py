@@ -196,6 +196,9 @@ def test_the_champion_walks_back_to_its_data_and_the_generator_behind_synthetic_
     assert generator["network_md5"] == file_md5(repo / "models/gan/network-final.pt")
     assert generator["version"] == str(latest.version) and generator["git_commit"] == commit
     assert {d["path"]: d["digest"] for d in generator["data"]}["data/prepared"] == prepared
+    # the command a user types prints the same walk
+    printed = run([str(BIN / "ctsynth"), "lineage"], repo, env).stdout
+    assert json.loads(printed) == champion
 
 
 def test_report_is_self_contained_and_logged_to_the_sweep_parent_run(study):
