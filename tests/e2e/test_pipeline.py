@@ -187,7 +187,7 @@ def test_the_champion_walks_back_to_its_data_and_the_generator_behind_synthetic_
     # an item that trained on synthetic images leads to the registered generator that made them
     client = MlflowClient()
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT_CLASSIFIER)
-    synthetic_runs = client.search_runs([experiment.experiment_id], "tags.arm = 'synthetic' and tags.ratio != '0'")
+    synthetic_runs = client.search_runs([experiment.experiment_id], "tags.arm = 'synthetic' and tags.ratio != '0.0'")
     assert synthetic_runs
     walked = run_lineage(synthetic_runs[0].info.run_id)
     assert {d["path"]: d["digest"] for d in walked["data"]} == {"data/prepared": prepared, "data/synthetic": synthetic}
