@@ -39,6 +39,32 @@ from ctsynth.metrics.kid import kernel_inception_distance
 log = logging.getLogger("gan_convergence")
 
 
+class RealReference:
+    """The real side of the KIDs: features fitted on train half A (seeded split), the real-vs-real
+    floor (half B against half A), for the full feature vector and its pixel-PCA block alone (the
+    intensity statistics of a poor generator dominate the full KID)."""
+
+    def __init__(self, features: PixelPCAFeatures, reference: np.ndarray, floor_set: np.ndarray) -> None:
+        self.features, self.reference, self.floor_set = features, reference, floor_set
+        self.n_pca = int(features.pca.n_components_)
+        self.floor_kid = kernel_inception_distance(reference, floor_set, 100, 1000, 0)[0]
+        self.floor_kid_pca = kernel_inception_distance(reference[:, :self.n_pca], floor_set[:, :self.n_pca], 100, 1000, 0)[0]
+
+    @classmethod
+    def fit(cls, train_images: np.ndarray) -> "RealReference":
+        half = np.zeros(len(train_images), bool)
+        half[np.random.default_rng(0).permutation(len(train_images))[: (len(train_images) + 1) // 2]] = True
+        features = PixelPCAFeatures.fit(train_images[half])
+        return cls(features, features(train_images[half]), features(train_images[~half]))
+
+    def kid(self, fake: np.ndarray) -> tuple[float, float, np.ndarray]:
+        """(KID, pixel-PCA KID, fake features) of generated images against half A."""
+        fake_features = self.features(fake)
+        kid = kernel_inception_distance(self.reference, fake_features, 100, 1000, 0)[0]
+        kid_pca = kernel_inception_distance(self.reference[:, :self.n_pca], fake_features[:, :self.n_pca], 100, 1000, 0)[0]
+        return kid, kid_pca, fake_features
+
+
 def real_classifier(data: Path, classes: list[str]):
     """A classifier trained on the real train split (valid for early stopping) with params.yaml's
     classifier settings, seed 0: the judge of GAN-test. Returns (model, params, real test accuracy)."""
@@ -121,17 +147,11 @@ def main() -> None:
     classes = args.classes.split(",")
     cfg = make_config(args.preset, args.resolution, **(parse_overrides(args.overrides) | {"c_dim": len(classes)}))
     data = load_training_data(args.data, classes, args.resolution)
-    train_images, train_labels = data.images.numpy(), data.labels.numpy()
-    rng = np.random.default_rng(0)
-    half = np.zeros(len(train_images), bool)
-    half[rng.permutation(len(train_images))[: (len(train_images) + 1) // 2]] = True
-    features = PixelPCAFeatures.fit(train_images[half])
-    reference, floor_set = features(train_images[half]), features(train_images[~half])
-    floor_kid = kernel_inception_distance(reference, floor_set, 100, 1000, 0)[0]
-    floor_fd = frechet_distance(reference, floor_set)
-    # The pixel-PCA block alone: the intensity statistics of a poor generator dominate the full KID.
-    n_pca = int(features.pca.n_components_)
-    floor_kid_pca = kernel_inception_distance(reference[:, :n_pca], floor_set[:, :n_pca], 100, 1000, 0)[0]
+    train_images = data.images.numpy()
+    real = RealReference.fit(train_images)
+    reference = real.reference
+    floor_kid, floor_kid_pca = real.floor_kid, real.floor_kid_pca
+    floor_fd = frechet_distance(reference, real.floor_set)
 
     judge, judge_params, real_test_accuracy = real_classifier(args.data, classes)
     log.info("GAN-test judge: real-only classifier, test accuracy %.3f on real images", real_test_accuracy)
@@ -155,9 +175,7 @@ def main() -> None:
             next_eval += eval_nimg
             stats = trainer._tick_record()
             fake, fake_labels = sample(trainer.G_ema, args.per_class, cfg.c_dim, cfg.z_dim, trainer.device, seed=1)
-            fake_features = features(fake)
-            kid = kernel_inception_distance(reference, fake_features, 100, 1000, 0)[0]
-            kid_pca = kernel_inception_distance(reference[:, :n_pca], fake_features[:, :n_pca], 100, 1000, 0)[0]
+            kid, kid_pca, fake_features = real.kid(fake)
             fd = frechet_distance(reference, fake_features)
             row = [trainer.cur_nimg / 1000, round(train_s, 1), kid, floor_kid, kid_pca, floor_kid_pca, fd, floor_fd,
                    stats["ADA/p"], stats.get("Loss/G/loss", float("nan")), stats.get("Loss/D/loss", float("nan")),

@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks.*` importable from the repository root
@@ -480,26 +480,16 @@ def cmd_quality(args: argparse.Namespace) -> int:
     training, then KID of G_ema's samples against train half A, beside the real-vs-real floor (half
     B vs half A), in the pixel-PCA feature space of benchmarks/gan_convergence.py."""
     torch, sizes = _setup(args)
-    import numpy as np
 
-    from benchmarks.gan_convergence import sample
+    from benchmarks.gan_convergence import RealReference, sample
     from ctsynth.gan.presets import make_config
     from ctsynth.gan.train import GANTrainer, TrainOptions, load_training_data
-    from ctsynth.metrics.features import PixelPCAFeatures
-    from ctsynth.metrics.kid import kernel_inception_distance
 
     preset, resolution = sizes.quality
     cfg = make_config(preset, resolution, c_dim=len(CLASSES))
     data = load_training_data(args.workdir / "prepared", CLASSES, resolution)
-    # gan_convergence.py's split and metrics: features fitted on half A, floor = half B vs half A.
-    train_images = data.images.numpy()
-    half = np.zeros(len(train_images), bool)
-    half[np.random.default_rng(0).permutation(len(train_images))[: (len(train_images) + 1) // 2]] = True
-    features = PixelPCAFeatures.fit(train_images[half])
-    reference, floor_set = features(train_images[half]), features(train_images[~half])
-    n_pca = int(features.pca.n_components_)
-    floor_kid = kernel_inception_distance(reference, floor_set, 100, 1000, 0)[0]
-    floor_kid_pca = kernel_inception_distance(reference[:, :n_pca], floor_set[:, :n_pca], 100, 1000, 0)[0]
+    real = RealReference.fit(data.images.numpy())  # gan_convergence.py's split, features and floors
+    floor_kid, floor_kid_pca = real.floor_kid, real.floor_kid_pca
 
     out = args.workdir / f"quality-{preset}-{args.device.replace(':', '')}"
     trainer = GANTrainer(cfg, data, TrainOptions(out_dir=out, classes=CLASSES, resume=None, mlflow=False, progress=False, device=args.device))
@@ -516,9 +506,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     record(args.results, "v", f"training speed in that run, {preset} {resolution} px", train_s / kimg if kimg else None, "s/kimg")
 
     fake, _ = sample(trainer.G_ema, sizes.quality_per_class, cfg.c_dim, cfg.z_dim, device, seed=1)
-    fake_features = features(fake)
-    kid = kernel_inception_distance(reference, fake_features, 100, 1000, 0)[0]
-    kid_pca = kernel_inception_distance(reference[:, :n_pca], fake_features[:, :n_pca], 100, 1000, 0)[0]
+    kid, kid_pca, _ = real.kid(fake)
     n = sizes.quality_per_class * cfg.c_dim
     record(args.results, "v", f"KID after {kimg:.1f} kimg ({n} samples vs train half A; pixel-PCA + intensity features)", kid, "",
            note=f"real-vs-real floor {floor_kid:.3g}")
