@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from ctsynth.gan.presets import make_config
-from ctsynth.gan.grid import fixed_seed_grid, one_hot, save_image_grid
-from ctsynth.gan.train import GANTrainer, TrainOptions, load_training_data
+from ctsynth.gan.generate import class_centre, synthesize
+from ctsynth.gan.grid import fixed_seed_grid, save_image_grid
+from ctsynth.gan.train import GANTrainer, TrainingData, TrainOptions, load_training_data
 from ctsynth.metrics.features import PixelPCAFeatures
 from ctsynth.metrics.frechet import frechet_distance
 from ctsynth.metrics.kid import kernel_inception_distance
@@ -99,6 +100,14 @@ def gan_test_accuracy(model, params, fake: np.ndarray, labels: np.ndarray) -> fl
     return float((probabilities.argmax(1).numpy() == labels).mean())
 
 
+def diversity_ratio(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray) -> float:
+    """Mean per-pixel std over the generated images of a class, divided by the same over that
+    class's real images, averaged over classes: 1 is the real variety, near 0 one image per class
+    (mode collapse, which KID and GAN-test alone do not show)."""
+    ratios = [fake[fake_labels == k].std(axis=0).mean() / real[real_labels == k].std(axis=0).mean() for k in np.unique(fake_labels)]
+    return float(np.mean(ratios))
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
     overrides: dict[str, object] = {}
     for pair in pairs:
@@ -111,16 +120,22 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 @torch.no_grad()
-def sample(G: torch.nn.Module, per_class: int, c_dim: int, z_dim: int, device: torch.device, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """per_class images of each class from G (random noise, psi 1), as N x 1 x R x R in [-1, 1]."""
+def sample(generators: list[tuple[torch.nn.Module, int]], per_class: int, z_dim: int, seed: int, psi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """per_class images of each class, as N x 1 x R x R in [-1, 1]; `generators[k]` is class k's
+    (G, its class index inside G). Random noise; truncation psi as `generate` does it (towards the
+    class's mean w for a conditional G, the tracked mean w otherwise); the same latents for every psi."""
     generator = torch.Generator().manual_seed(seed)
     images, labels = [], []
-    for class_id in range(c_dim):
+    for class_id, (G, index) in enumerate(generators):
+        centre = class_centre(G, index) if psi != 1 and G.c_dim else None
         for start in range(0, per_class, 100):
             n = min(100, per_class - start)
-            z = torch.randn(n, z_dim, generator=generator).to(device)
-            c = one_hot(torch.full((n,), class_id, dtype=torch.long), c_dim).to(device)
-            images.append(G(z, c, noise_mode="random").float().clamp(-1, 1).cpu().numpy())
+            z = torch.randn(n, z_dim, generator=generator)
+            if G.c_dim:
+                fake = synthesize(G, z, index, psi, "random", centre)
+            else:
+                fake = G(z.to(next(G.parameters()).device), None, psi=psi, noise_mode="random")
+            images.append(fake.float().clamp(-1, 1).cpu().numpy())
             labels.append(np.full(n, class_id))
     return np.concatenate(images), np.concatenate(labels)
 
@@ -139,13 +154,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--deadline-s", type=float, default=None, help="stop after the evaluation that passes this wall time")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--psi", default="1.0", help="comma-separated truncation values; KID at the first, GAN-test at each")
+    parser.add_argument("--per-class-models", action="store_true",
+                        help="one unconditional model per class (gan.per_class), --kimg shared between them")
+    parser.add_argument("--save-network", action="store_true", help="write network-final.pt and a full snapshot into --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     classes = args.classes.split(",")
-    cfg = make_config(args.preset, args.resolution, **(parse_overrides(args.overrides) | {"c_dim": len(classes)}))
+    psis = [float(value) for value in args.psi.split(",")]
+    overrides = parse_overrides(args.overrides)
     data = load_training_data(args.data, classes, args.resolution)
     train_images = data.images.numpy()
     real = RealReference.fit(train_images)
@@ -157,7 +177,21 @@ def main() -> None:
     log.info("GAN-test judge: real-only classifier, test accuracy %.3f on real images", real_test_accuracy)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    trainer = GANTrainer(cfg, data, TrainOptions(out_dir=args.out, classes=classes, mlflow=False, progress=False, device=args.device))
+    if args.per_class_models:
+        # The reference study's layout: one unconditional model per class; --kimg is their sum, so
+        # a run costs what the conditional one costs.
+        cfg = make_config(args.preset, args.resolution, **(overrides | {"c_dim": 0}))
+        trainers = []
+        for class_id, name in enumerate(classes):
+            keep = data.labels == class_id
+            trainers.append(GANTrainer(cfg, TrainingData(data.images[keep], data.labels[keep]),
+                                       TrainOptions(out_dir=args.out / name, classes=[name], mlflow=False, progress=False, device=args.device)))
+        generators = lambda: [(trainer.G_ema, 0) for trainer in trainers]  # noqa: E731
+    else:
+        cfg = make_config(args.preset, args.resolution, **(overrides | {"c_dim": len(classes)}))
+        trainers = [GANTrainer(cfg, data, TrainOptions(out_dir=args.out, classes=classes, mlflow=False, progress=False, device=args.device))]
+        generators = lambda: [(trainers[0].G_ema, k) for k in range(len(classes))]  # noqa: E731
+    shown = lambda: sum(trainer.cur_nimg for trainer in trainers)  # noqa: E731
     rows, start, train_s = [], time.perf_counter(), 0.0
     eval_nimg = int(args.eval_kimg * 1000)
     next_eval = eval_nimg
@@ -165,30 +199,40 @@ def main() -> None:
     with open(args.out / "convergence.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["kimg", "train_s", "kid", "kid_floor", "kid_pca", "kid_pca_floor", "frechet", "frechet_floor", "ada_p", "g_loss", "d_loss",
-                         "gan_test", "real_test_accuracy"])
-        while trainer.cur_nimg < total:
+                         "gan_test", "real_test_accuracy", "diversity"] + [f"gan_test_psi{psi:g}" for psi in psis[1:]])
+        while shown() < total:
             t0 = time.perf_counter()
-            trainer._train_step()
+            for trainer in trainers:
+                trainer._train_step()
             train_s += time.perf_counter() - t0
-            if trainer.cur_nimg < next_eval and trainer.cur_nimg < total:
+            if shown() < next_eval and shown() < total:
                 continue
             next_eval += eval_nimg
-            stats = trainer._tick_record()
-            fake, fake_labels = sample(trainer.G_ema, args.per_class, cfg.c_dim, cfg.z_dim, trainer.device, seed=1)
+            stats = [trainer._tick_record() for trainer in trainers]
+            fake, fake_labels = sample(generators(), args.per_class, cfg.z_dim, seed=1, psi=psis[0])
             kid, kid_pca, fake_features = real.kid(fake)
             fd = frechet_distance(reference, fake_features)
-            row = [trainer.cur_nimg / 1000, round(train_s, 1), kid, floor_kid, kid_pca, floor_kid_pca, fd, floor_fd,
-                   stats["ADA/p"], stats.get("Loss/G/loss", float("nan")), stats.get("Loss/D/loss", float("nan")),
-                   gan_test_accuracy(judge, judge_params, fake, fake_labels), real_test_accuracy]
+            mean = lambda key: float(np.mean([s.get(key, float("nan")) for s in stats]))  # noqa: E731
+            row = [shown() / 1000, round(train_s, 1), kid, floor_kid, kid_pca, floor_kid_pca, fd, floor_fd,
+                   mean("ADA/p"), mean("Loss/G/loss"), mean("Loss/D/loss"),
+                   gan_test_accuracy(judge, judge_params, fake, fake_labels), real_test_accuracy,
+                   diversity_ratio(fake, fake_labels, train_images, data.labels.numpy())]
+            for psi in psis[1:]:
+                row.append(gan_test_accuracy(judge, judge_params, *sample(generators(), args.per_class, cfg.z_dim, seed=1, psi=psi)))
             writer.writerow(row)
             f.flush()
             rows.append(row)
-            save_image_grid(fixed_seed_grid(trainer.G_ema, cfg, len(classes)), args.out / f"grid-{trainer.cur_nimg // 1000:04d}kimg.png")
-            log.info("kimg %.1f  train %.0f s  KID %.4g (floor %.3g)  pixel KID %.4g (floor %.3g)  p %.3f  GAN-test %.3f",
-                     row[0], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row[8], row[11])
+            grid = np.concatenate([fixed_seed_grid(trainer.G_ema, cfg, len(classes)) for trainer in trainers])
+            save_image_grid(grid, args.out / f"grid-{shown() // 1000:04d}kimg.png")
+            log.info("kimg %.1f  train %.0f s  KID %.4g (floor %.3g)  pixel KID %.4g (floor %.3g)  p %.3f  diversity %.2f  GAN-test %s",
+                     row[0], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row[8], row[13],
+                     "  ".join(f"{value:.3f} (psi {psi:g})" for psi, value in zip(psis, [row[11]] + row[14:])))
             if args.deadline_s and time.perf_counter() - start > args.deadline_s:
                 log.info("deadline reached at kimg %.1f", row[0])
                 break
+    if args.save_network:
+        for trainer in trainers:
+            log.info("network: %s, snapshot (G, D, G_ema): %s", trainer.write_final(), trainer.snapshot())
 
 
 if __name__ == "__main__":

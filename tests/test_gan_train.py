@@ -410,3 +410,28 @@ def test_truncation_pulls_towards_the_class_mean_w(tiny_data, tmp_path):
     c = torch.nn.functional.one_hot(torch.ones(3, dtype=torch.long), 2).float()
     expected = G.synthesis(centre.lerp(G.mapping(z, c), 0.5), noise_mode="const")
     torch.testing.assert_close(synthesize(G, z, 1, psi=0.5, noise_mode="const"), expected)
+
+
+def test_gradient_sanitizing_replaces_only_non_finite_values():
+    from ctsynth.gan.train import sanitize_gradients
+
+    module = torch.nn.Linear(3, 2)
+    module.weight.grad = torch.tensor([[1.0, float("nan"), 2.0], [float("inf"), -float("inf"), 3.0]])
+    module.bias.grad = torch.tensor([0.5, -0.5])
+    sanitize_gradients(module)
+    assert module.weight.grad.tolist() == [[1.0, 0.0, 2.0], [1e5, -1e5, 3.0]]
+    assert module.bias.grad.tolist() == [0.5, -0.5]
+    finite = torch.randn(2, 3)
+    module.weight.grad = finite.clone()
+    sanitize_gradients(module)
+    assert torch.equal(module.weight.grad, finite)
+
+
+def test_ema_update_is_the_weighted_average_of_the_two_generators():
+    from ctsynth.gan.train import update_ema
+
+    G, G_ema = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in G_ema.parameters()]
+    update_ema(G_ema, G, beta=0.9)
+    for p_ema, p_old, p in zip(G_ema.parameters(), before, G.parameters()):
+        torch.testing.assert_close(p_ema, 0.9 * p_old + 0.1 * p.detach())

@@ -130,15 +130,29 @@ def _ema_beta(cfg: GANConfig, cur_nimg: int) -> float:
 
 @torch.no_grad()
 def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
-    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    """G_ema <- beta * G_ema + (1 - beta) * G, in one multi-tensor call (a small G has ~100
+    parameter tensors, and one call per tensor is a measurable share of a CPU step)."""
+    torch._foreach_lerp_(list(G_ema.parameters()), [p.detach() for p in G.parameters()], 1.0 - beta)
     for b_ema, b in zip(G_ema.buffers(), G.buffers()):
         b_ema.copy_(b)
 
 
 def _make_optimizer(module: torch.nn.Module, cfg: GANConfig, reg_interval: int | None) -> torch.optim.Adam:
     lr, betas = lazy_regularization_adam(cfg.lr, tuple(cfg.betas), reg_interval)
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.eps)
+    # Multi-tensor Adam (the default only on CUDA): the same update, without one Python-level
+    # loop iteration and ~10 operator calls per parameter tensor on the CPU.
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.eps, foreach=True)
+
+
+@torch.no_grad()
+def sanitize_gradients(module: torch.nn.Module) -> None:
+    """NaN -> 0 and +-inf -> +-1e5 in every gradient, so one bad minibatch cannot poison the
+    weights. The common all-finite case costs one multi-tensor norm instead of a call per tensor."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        return
+    for grad in grads:
+        torch.nan_to_num_(grad, nan=0, posinf=1e5, neginf=-1e5)
 
 
 def set_tf32(allow: bool) -> None:
@@ -392,9 +406,7 @@ class GANTrainer:
             out = self.loss.compute(phase, real_img, real_c, gen_z, gen_c)
             out.loss.backward()
             _all_reduce_mean_grads(module, self.world_size)
-            for p in module.parameters():
-                if p.grad is not None:  # one bad minibatch must not poison the weights
-                    torch.nan_to_num_(p.grad, nan=0, posinf=1e5, neginf=-1e5)
+            sanitize_gradients(module)
             optimizer.step()
             for name, value in out.stats.items():
                 self._tick_stats.setdefault(name, []).append(float(value))
