@@ -505,7 +505,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     record(args.results, "v", f"kimg reached in {train_s:.0f} s of training, {what}", kimg, "kimg")
     record(args.results, "v", f"training speed in that run, {preset} {resolution} px", train_s / kimg if kimg else None, "s/kimg")
 
-    fake, _ = sample(trainer.G_ema, sizes.quality_per_class, cfg.c_dim, cfg.z_dim, device, seed=1)
+    fake, _ = sample([(trainer.G_ema, k) for k in range(cfg.c_dim)], sizes.quality_per_class, cfg.z_dim, seed=1)
     kid, kid_pca, _ = real.kid(fake)
     n = sizes.quality_per_class * cfg.c_dim
     record(args.results, "v", f"KID after {kimg:.1f} kimg ({n} samples vs train half A; pixel-PCA + intensity features)", kid, "",
