@@ -186,20 +186,24 @@ def main() -> None:
             keep = data.labels == class_id
             trainers.append(GANTrainer(cfg, TrainingData(data.images[keep], data.labels[keep]),
                                        TrainOptions(out_dir=args.out / name, classes=[name], mlflow=False, progress=False, device=args.device)))
-        generators = lambda: [(trainer.G_ema, 0) for trainer in trainers]  # noqa: E731
+        generators = [(trainer.G_ema, 0) for trainer in trainers]
     else:
         cfg = make_config(args.preset, args.resolution, **(overrides | {"c_dim": len(classes)}))
         trainers = [GANTrainer(cfg, data, TrainOptions(out_dir=args.out, classes=classes, mlflow=False, progress=False, device=args.device))]
-        generators = lambda: [(trainers[0].G_ema, k) for k in range(len(classes))]  # noqa: E731
-    shown = lambda: sum(trainer.cur_nimg for trainer in trainers)  # noqa: E731
-    rows, start, train_s = [], time.perf_counter(), 0.0
+        generators = [(trainers[0].G_ema, k) for k in range(len(classes))]  # G_ema is updated in place
+
+    def shown() -> int:
+        return sum(trainer.cur_nimg for trainer in trainers)
+
+    columns = ["kimg", "train_s", "kid", "kid_floor", "kid_pca", "kid_pca_floor", "frechet", "frechet_floor", "ada_p", "g_loss", "d_loss",
+               "gan_test", "real_test_accuracy", "diversity"] + [f"gan_test_psi{psi:g}" for psi in psis[1:]]
+    start, train_s = time.perf_counter(), 0.0
     eval_nimg = int(args.eval_kimg * 1000)
     next_eval = eval_nimg
     total = int(args.kimg * 1000)
     with open(args.out / "convergence.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["kimg", "train_s", "kid", "kid_floor", "kid_pca", "kid_pca_floor", "frechet", "frechet_floor", "ada_p", "g_loss", "d_loss",
-                         "gan_test", "real_test_accuracy", "diversity"] + [f"gan_test_psi{psi:g}" for psi in psis[1:]])
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
         while shown() < total:
             t0 = time.perf_counter()
             for trainer in trainers:
@@ -209,26 +213,29 @@ def main() -> None:
                 continue
             next_eval += eval_nimg
             stats = [trainer._tick_record() for trainer in trainers]
-            fake, fake_labels = sample(generators(), args.per_class, cfg.z_dim, seed=1, psi=psis[0])
+            fake, fake_labels = sample(generators, args.per_class, cfg.z_dim, seed=1, psi=psis[0])
             kid, kid_pca, fake_features = real.kid(fake)
-            fd = frechet_distance(reference, fake_features)
-            mean = lambda key: float(np.mean([s.get(key, float("nan")) for s in stats]))  # noqa: E731
-            row = [shown() / 1000, round(train_s, 1), kid, floor_kid, kid_pca, floor_kid_pca, fd, floor_fd,
-                   mean("ADA/p"), mean("Loss/G/loss"), mean("Loss/D/loss"),
-                   gan_test_accuracy(judge, judge_params, fake, fake_labels), real_test_accuracy,
-                   diversity_ratio(fake, fake_labels, train_images, data.labels.numpy())]
+            row = {
+                "kimg": shown() / 1000, "train_s": round(train_s, 1), "kid": kid, "kid_floor": floor_kid,
+                "kid_pca": kid_pca, "kid_pca_floor": floor_kid_pca,
+                "frechet": frechet_distance(reference, fake_features), "frechet_floor": floor_fd,
+                **{column: float(np.mean([s.get(key, float("nan")) for s in stats]))
+                   for column, key in (("ada_p", "ADA/p"), ("g_loss", "Loss/G/loss"), ("d_loss", "Loss/D/loss"))},
+                "gan_test": gan_test_accuracy(judge, judge_params, fake, fake_labels), "real_test_accuracy": real_test_accuracy,
+                "diversity": diversity_ratio(fake, fake_labels, train_images, data.labels.numpy()),
+            }
             for psi in psis[1:]:
-                row.append(gan_test_accuracy(judge, judge_params, *sample(generators(), args.per_class, cfg.z_dim, seed=1, psi=psi)))
+                row[f"gan_test_psi{psi:g}"] = gan_test_accuracy(judge, judge_params, *sample(generators, args.per_class, cfg.z_dim, seed=1, psi=psi))
             writer.writerow(row)
             f.flush()
-            rows.append(row)
             grid = np.concatenate([fixed_seed_grid(trainer.G_ema, cfg, len(classes)) for trainer in trainers])
             save_image_grid(grid, args.out / f"grid-{shown() // 1000:04d}kimg.png")
+            gan_tests = [row["gan_test"]] + [row[f"gan_test_psi{psi:g}"] for psi in psis[1:]]
             log.info("kimg %.1f  train %.0f s  KID %.4g (floor %.3g)  pixel KID %.4g (floor %.3g)  p %.3f  diversity %.2f  GAN-test %s",
-                     row[0], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row[8], row[13],
-                     "  ".join(f"{value:.3f} (psi {psi:g})" for psi, value in zip(psis, [row[11]] + row[14:])))
+                     row["kimg"], train_s, kid, floor_kid, kid_pca, floor_kid_pca, row["ada_p"], row["diversity"],
+                     "  ".join(f"{value:.3f} (psi {psi:g})" for psi, value in zip(psis, gan_tests)))
             if args.deadline_s and time.perf_counter() - start > args.deadline_s:
-                log.info("deadline reached at kimg %.1f", row[0])
+                log.info("deadline reached at kimg %.1f", row["kimg"])
                 break
     if args.save_network:
         for trainer in trainers:
