@@ -47,6 +47,11 @@ def training_resolution(params: Params) -> int:
     return params.gan.resolution or params.data.resolution
 
 
+def model_dirs(params: Params, out_dir: Path) -> list[Path]:
+    """Where the networks live: gan.out for one conditional model, gan.out/<class> per class."""
+    return [out_dir / name for name in params.data.classes] if params.gan.per_class else [out_dir]
+
+
 def refuse_incompatible_state(folder: Path, cfg: GANConfig) -> None:
     """gan.out persists across `dvc repro` so a killed run resumes. Snapshots trained with
     other settings (the trainer's rule: anything but kimg, snap and speed-only keys) are never
@@ -84,11 +89,10 @@ def write_reports(params: Params, cfg: GANConfig, data, out_dir: Path, report_di
     the final network records) and the generator registered (one conditional network only)."""
     gan, classes = params.gan, params.data.classes
     report_dir.mkdir(parents=True, exist_ok=True)
-    model_dirs = [out_dir] if not gan.per_class else [out_dir / c for c in classes]
     generators = {name: (load_generator(path), index) for name, (path, index) in find_networks(out_dir, classes).items()}
     real_vs_synthetic_grid(data, generators, classes, report_dir / "real_vs_synthetic.png")
     training_log = pd.concat([
-        pd.read_csv(d / "training_log.csv").assign(model="conditional" if not gan.per_class else d.name) for d in model_dirs
+        pd.read_csv(d / "training_log.csv").assign(model="conditional" if not gan.per_class else d.name) for d in model_dirs(params, out_dir)
     ])
     training_log.to_csv(report_dir / "training_log.csv", index=False)
     plot_losses(training_log, report_dir / "losses.png")
@@ -124,7 +128,7 @@ def run(params: Params, root: Path, device: str = "auto", resume: str | None = "
     if rank != 0:  # one process speaks; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     cfg = gan_config(params, gpus=world_size)
-    for folder in [out_dir] if not gan.per_class else [out_dir / c for c in classes]:
+    for folder in model_dirs(params, out_dir):
         refuse_incompatible_state(folder, GANConfig.from_dict(cfg.to_dict() | {"c_dim": 0 if gan.per_class else len(classes)}))
 
     cfg, precision_tags = choose_training_precision(cfg, gan.precision, device)
