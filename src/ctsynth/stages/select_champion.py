@@ -78,7 +78,8 @@ def run(params: Params, root: Path) -> dict:
     model.eval()
     onnx_path = export_onnx(model, params.classifier.resolution, classes, resolve(select.onnx, root),
                             extra_metadata={"arm": arm, "ratio": f"{best_ratio:g}", "seed": str(int(best["seed"])), "run_id": str(best["run_id"])})
-    valid_inputs = ImageDataset(real_split(resolve(params.data.prepared, root), "valid", classes), params.classifier.resolution).inputs.numpy()
+    valid_items = real_split(resolve(params.data.prepared, root), "valid", classes)
+    valid_inputs = ImageDataset(valid_items, params.classifier.resolution).inputs.numpy()
     max_diff = check_parity(model, onnx_path, valid_inputs, atol=select.parity_tolerance)
     study["champion"]["onnx"] = {"path": str(select.onnx), "parity_max_abs_logit_diff": max_diff, "tolerance": select.parity_tolerance, "n_images": int(len(valid_inputs))}
 
@@ -96,7 +97,7 @@ def run(params: Params, root: Path) -> dict:
         if parent:
             _log_study_to_parent(parent, study, table, report, [resolve(select.plot, root), resolve(select.signal_plot, root)], root)
         champion_record = next(r for r in records if r["name"] == best["name"])
-        valid_labels = np.array([item.label_id for item in real_split(resolve(params.data.prepared, root), "valid", classes)])
+        valid_labels = np.array([item.label_id for item in valid_items])
         decision = promote_if_better(onnx_path, valid_inputs, valid_labels, classes, select.metric, select.promote, root=root)
         version = register_champion(
             onnx_path,
