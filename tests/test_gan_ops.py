@@ -45,13 +45,15 @@ def _seed() -> None:
 
 @pytest.mark.parametrize("act,clamp", [("lrelu", 0.8), ("lrelu", None), ("linear", 0.5), ("relu", None)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_bias_act_matches_reference_forward_grads_and_double_backward(act, clamp, channels_last) -> None:
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_bias_act_matches_reference_forward_grads_and_double_backward(act, clamp, channels_last, with_bias) -> None:
     _extension_or_skip()
-    x = torch.randn(3, 5, 6, 7)
+    # More elements than one parallel chunk of the kernel (16384), so chunk boundaries are exercised.
+    x = torch.randn(3, 5, 33, 35)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    b = torch.randn(5, requires_grad=True)
+    b = torch.randn(5, requires_grad=True) if with_bias else None
     gain = 1.7
     y = fused.fused_bias_act(x, b, 1, act, 0.2, gain, clamp)
     assert y is not None
@@ -61,10 +63,12 @@ def test_fused_bias_act_matches_reference_forward_grads_and_double_backward(act,
         assert (y_ref.abs() == clamp).any(), "the test input should exercise the clamp"
 
     dy = torch.randn_like(y)
-    gx, gb = torch.autograd.grad(y, [x, b], dy, create_graph=True)
-    gx_ref, gb_ref = torch.autograd.grad(y_ref, [x, b], dy, create_graph=True)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(gb, gb_ref, rtol=1e-5, atol=1e-5)
+    inputs = [x, b] if with_bias else [x]
+    grads = torch.autograd.grad(y, inputs, dy, create_graph=True)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy, create_graph=True)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-6, atol=1e-6)
+    if with_bias:
+        torch.testing.assert_close(grads[1], grads_ref[1], rtol=1e-4, atol=1e-4)
 
     # Double backward, as R1 takes it: d/dw of |d(sum(w * f(x)))/dx|^2 through the op.
     w = torch.randn_like(y, requires_grad=True)
@@ -74,6 +78,13 @@ def test_fused_bias_act_matches_reference_forward_grads_and_double_backward(act,
     (gw,) = torch.autograd.grad(gx_w.square().sum(), w)
     (gw_ref,) = torch.autograd.grad(gx_w_ref.square().sum(), w)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_act_uses_the_fused_kernel_on_the_cpu_by_default(monkeypatch) -> None:
+    monkeypatch.delenv("CTSYNTH_FUSED_OPS", raising=False)
+    _extension_or_skip()
+    y = ops.bias_act(torch.randn(2, 3, 4, 4, requires_grad=True), torch.zeros(3), act="lrelu")
+    assert "BiasAct" in type(y.grad_fn).__name__
 
 
 def test_fused_bias_act_bias_along_other_dim_and_bfloat16() -> None:
@@ -126,9 +137,16 @@ def test_unknown_activation_is_a_clear_error() -> None:
     [(1, 1, (1, 2, 1, 2), 4), (2, 1, (2, 1, 2, 1), 4), (1, 2, (1, 1, 1, 1), 4), (2, 1, (6, 5, 6, 5), 12),
      (1, 2, (5, 5, 5, 5), 12), (1, 1, (-1, 2, 0, 1), 4)],
 )
-def test_upfirdn2d_node_matches_reference_and_is_twice_differentiable(up, down, padding, taps) -> None:
+@pytest.mark.parametrize("channels,channels_last", [(3, False), (3, True), (1, False)])
+def test_upfirdn2d_node_matches_reference_and_is_twice_differentiable(up, down, padding, taps, channels,
+                                                                      channels_last) -> None:
+    """Both forward kernels of the node: depthwise convolution (feature maps, NCHW or NHWC) and
+    the banded matrices (single-channel images)."""
     f = torch.rand(taps, dtype=torch.float64) + 0.1
-    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, channels, 9, 10, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     y = ops.upfirdn2d(x, f, up=up, down=down, padding=padding, gain=1.5)
     y_ref = reference.upfirdn2d(x, f, up=up, down=down, padding=padding, gain=1.5)
     torch.testing.assert_close(y, y_ref)

@@ -3,11 +3,12 @@
 ``bias_act`` uses the fused C++/CUDA kernel (``fused``) when it builds and the reference
 otherwise. ``upfirdn2d`` (and ``upsample2d`` / ``downsample2d``) is a linear operator whose
 gradient is another ``upfirdn2d`` (zero-insertion and decimation swap, the filter flips, the
-padding is mirrored), so it runs as one autograd node whose forward is the reference maths
-without autograd bookkeeping and whose backward (and double backward) is itself -- instead of
-dozens of slice / pad nodes whose backwards each allocate and fill a full-size zero tensor.
-``CTSYNTH_FUSED_OPS=0`` forces the plain reference for both; the fused ``bias_act`` runs on CUDA
-tensors by default and on the CPU only with ``CTSYNTH_FUSED_OPS=1`` (measured slower there).
+padding is mirrored), so it runs as one autograd node whose backward (and double backward) is
+itself -- instead of dozens of slice / pad nodes whose backwards each allocate and fill a
+full-size zero tensor -- and whose forward, never differentiated, uses the fastest kernels (a
+depthwise convolution, or banded matrix products for single-channel images).
+``CTSYNTH_FUSED_OPS=0`` forces the plain reference for both; ``=1`` makes a failed build of the
+fused ``bias_act`` an error instead of a fallback.
 Callers import from here, never from ``reference`` or ``fused`` directly, so that choice stays in
 one place.
 """
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ctsynth.gan.ops import reference
-from ctsynth.gan.ops.fused import extension_status, fused_bias_act, fused_ops_enabled, fused_ops_required
+from ctsynth.gan.ops.fused import extension_status, fused_bias_act, fused_ops_enabled
 from ctsynth.gan.ops.reference import ACTIVATIONS, parse_padding, setup_filter
 
 __all__ = [
@@ -46,10 +47,9 @@ def bias_act(
 ) -> torch.Tensor:
     """``clamp(act(x + b) * gain, -clamp, clamp)``; arguments as ``reference.bias_act``.
 
-    The fused kernel on CUDA when it builds (one pass forward, one backward), else the reference.
-    On the CPU the reference is the default: PyTorch's own vectorised elementwise ops made a
-    cpu64 training step ~20 % faster than our C++ kernel (2-core AVX-512 VM, 2026-11-26;
-    docs/gan.md, "The fused bias_act"). ``CTSYNTH_FUSED_OPS=1`` uses the kernel on the CPU too.
+    The fused kernel when it builds (one pass forward, one backward, on the CPU and on CUDA), else
+    the reference. On the CPU the kernel makes a cpu64 training step a little faster than the
+    reference's four PyTorch ops (measured ratios: docs/gan.md, "Speed").
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
@@ -57,7 +57,7 @@ def bias_act(
     alpha = default_alpha if alpha is None else alpha
     gain = default_gain if gain is None else gain
     clamp = None if clamp is not None and clamp < 0 else clamp
-    if fused_ops_enabled() and (x.is_cuda or fused_ops_required()):
+    if fused_ops_enabled():
         y = fused_bias_act(x, b, dim, act, alpha, gain, clamp)
         if y is not None:
             return y
@@ -69,13 +69,66 @@ def bias_act(
     return reference.bias_act(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
 
 
+def _upfirdn2d_forward(
+    x: torch.Tensor, f: torch.Tensor, up: int, down: int, padding: tuple[int, int, int, int], flip_filter: bool, gain: float
+) -> torch.Tensor:
+    """``reference.upfirdn2d`` for the forward pass only (never differentiated: the node's backward
+    is another upfirdn2d), so it may use the fastest kernels instead of the reference's shifted
+    slices, which exist to stay cheaply twice differentiable:
+
+    * feature maps (many channels): one depthwise convolution, stride = decimation -- one pass
+      instead of ~14, and only the kept outputs of a decimation are computed;
+    * single-channel images (to_rgb skips, the augmentation's up/down chain) with a separable
+      filter: two matrix products with the banded matrix of the 1-D up-pad-filter-down operator.
+      Their padded size changes with every minibatch's transforms and oneDNN would build a new
+      convolution kernel for each new shape (~0.1 s each, measured); a matrix product has none.
+
+    Measured on a cpu64 step: docs/gan.md, "Speed".
+    """
+    batch, channels, height, width = x.shape
+    px0, px1, py0, py1 = padding
+    f = f.to(device=x.device, dtype=x.dtype)
+    f = f * (gain ** (f.ndim / 2.0))  # gain split evenly over the separable passes
+    if not flip_filter:  # both kernels correlate; a true convolution needs the flipped taps
+        f = f.flip(list(range(f.ndim)))
+    if channels == 1 and f.ndim == 1:
+        along_w = _fir_matrix(width, f, up, down, px0, px1)
+        along_h = _fir_matrix(height, f, up, down, py0, py1)
+        return torch.matmul(along_h, torch.matmul(x, along_w.t()))
+    if up > 1:  # zero insertion, exactly as the reference
+        x = x.reshape(batch, channels, height, 1, width, 1)
+        x = torch.nn.functional.pad(x, [0, up - 1, 0, 0, 0, up - 1])
+        x = x.reshape(batch, channels, height * up, width * up)
+    x = torch.nn.functional.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
+    if f.ndim == 1:
+        f = torch.outer(f, f)
+    weight = f.reshape(1, 1, *f.shape).expand(channels, 1, *f.shape).contiguous()
+    return torch.nn.functional.conv2d(x, weight, stride=down, groups=channels)
+
+
+def _fir_matrix(length: int, taps: torch.Tensor, up: int, down: int, pad0: int, pad1: int) -> torch.Tensor:
+    """The 1-D operator "insert up-1 zeros, pad (pad0, pad1), correlate with taps, keep every
+    down-th sample" as a matrix: ``y[j] = sum_k taps[k] z[j*down + k - pad0]`` where ``z[i*up]
+    = x[i]``, so entry ``(j, i)`` is ``taps[i*up + pad0 - j*down]`` where that index exists."""
+    n_taps = taps.shape[0]
+    out_length = (length * up + pad0 + pad1 - n_taps) // down + 1
+    if out_length < 1:
+        raise ValueError(f"filter of {n_taps} taps is longer than the padded size {length * up + pad0 + pad1}")
+    j = torch.arange(out_length, device=taps.device).reshape(-1, 1)
+    i = torch.arange(length, device=taps.device).reshape(1, -1)
+    k = i * up + pad0 - j * down
+    inside = (k >= 0) & (k < n_taps)
+    return torch.where(inside, taps[k.clamp(0, n_taps - 1)], torch.zeros((), dtype=taps.dtype, device=taps.device))
+
+
 class _UpFirDn2d(torch.autograd.Function):
     """``reference.upfirdn2d`` as one node; backward = the adjoint upfirdn2d (itself differentiable)."""
 
     @staticmethod
     def forward(ctx, x, f, up, down, padding, flip_filter, gain):  # type: ignore[override]
         with torch.no_grad():
-            y = reference.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+            y = _upfirdn2d_forward(x, f, up, down, padding, flip_filter, gain)
         ctx.save_for_backward(f)
         ctx.args = (x.shape[2], x.shape[3], y.shape[2], y.shape[3], up, down, padding, flip_filter, gain)
         return y

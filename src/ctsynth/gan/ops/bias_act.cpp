@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -41,18 +42,65 @@ bool is_channels_last(const torch::Tensor& x, int64_t dim) {
   return x.dim() == 4 && dim == 1 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The activation as one branch-free formula so that the loops below vectorise: the slope for
+// negative inputs is 1 (linear), 0 (relu) or alpha (lrelu); "no clamp" is an infinite bound.
+struct Slopes {
+  float negative;
+  float gain;
+  float clamp;
+};
+
+Slopes slopes(int act, float alpha, float gain, float clamp) {
+  float negative = act == kLinear ? 1.f : (act == kRelu ? 0.f : alpha);
+  return {negative, gain, clamp >= 0.f ? clamp : INFINITY};
+}
+
+// min / max only (no data-dependent branch): the signs of activations are random, and a branch
+// per element mispredicted so often that the first version of this kernel ran 20x slower than
+// PyTorch's own ops (measured).
+inline float activate(float v, Slopes s) {
+  v = (std::max(v, 0.f) + s.negative * std::min(v, 0.f)) * s.gain;
+  return std::min(std::max(v, -s.clamp), s.clamp);
+}
+
+// The tensor as [outer][channels][inner] in memory order (inner = 1 for channels-last, where the
+// bias varies fastest). No division or modulo per element: each inner loop is a contiguous run
+// with one bias value (or, channels-last, one row of the bias vector).
 template <typename scalar_t>
 void forward_kernel(const scalar_t* x, const scalar_t* b, scalar_t* y, int64_t n, BiasLayout layout, int act,
                     float alpha, float gain, float clamp) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float v = static_cast<float>(x[i]);
-      if (b != nullptr) v += static_cast<float>(b[(i / layout.inner) % layout.channels]);
-      if (act == kRelu) v = v > 0.f ? v : 0.f;
-      else if (act == kLrelu) v = v > 0.f ? v : v * alpha;
-      v *= gain;
-      if (clamp >= 0.f) v = v > clamp ? clamp : (v < -clamp ? -clamp : v);
-      y[i] = static_cast<scalar_t>(v);
+  const Slopes s = slopes(act, alpha, gain, clamp);
+  if (b == nullptr) {
+    at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
+      const scalar_t* __restrict xp = x;
+      scalar_t* __restrict yp = y;
+      for (int64_t i = begin; i < end; ++i) yp[i] = static_cast<scalar_t>(activate(static_cast<float>(xp[i]), s));
+    });
+    return;
+  }
+  const int64_t channels = layout.channels;
+  if (layout.inner == 1) {
+    std::vector<float> bias(channels);
+    for (int64_t c = 0; c < channels; ++c) bias[c] = static_cast<float>(b[c]);
+    const float* bp = bias.data();
+    const int64_t rows = n / channels;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / channels), [=](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* __restrict xr = x + r * channels;
+        scalar_t* __restrict yr = y + r * channels;
+        for (int64_t c = 0; c < channels; ++c) yr[c] = static_cast<scalar_t>(activate(static_cast<float>(xr[c]) + bp[c], s));
+      }
+    });
+    return;
+  }
+  const int64_t inner = layout.inner;
+  const int64_t runs = n / inner;
+  at::parallel_for(0, runs, std::max<int64_t>(1, 16384 / inner), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float bias = static_cast<float>(b[r % channels]);
+      const scalar_t* __restrict xr = x + r * inner;
+      scalar_t* __restrict yr = y + r * inner;
+      for (int64_t i = 0; i < inner; ++i) yr[i] = static_cast<scalar_t>(activate(static_cast<float>(xr[i]) + bias, s));
     }
   });
 }
@@ -61,14 +109,19 @@ void forward_kernel(const scalar_t* x, const scalar_t* b, scalar_t* y, int64_t n
 template <typename scalar_t>
 void grad_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int act, float alpha, float gain,
                  float clamp) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  const Slopes s = slopes(act, alpha, gain, clamp);
+  const float negative_gain = s.negative * s.gain, clamp_at = s.clamp;
+  // By value and __restrict: captured by reference, the pointers could alias what they point to
+  // and the loop did not vectorise.
+  at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
+    const scalar_t* __restrict dyp = dy;
+    const scalar_t* __restrict yp = y;
+    scalar_t* __restrict dxp = dx;
     for (int64_t i = begin; i < end; ++i) {
-      float yv = static_cast<float>(y[i]);
-      float s = gain;
-      if (act == kRelu) s = yv > 0.f ? gain : 0.f;
-      else if (act == kLrelu) s = yv > 0.f ? gain : gain * alpha;
-      if (clamp >= 0.f && std::fabs(yv) >= clamp) s = 0.f;
-      dx[i] = static_cast<scalar_t>(static_cast<float>(dy[i]) * s);
+      const float yv = static_cast<float>(yp[i]);
+      float slope = yv > 0.f ? gain : negative_gain;
+      slope = std::fabs(yv) < clamp_at ? slope : 0.f;
+      dxp[i] = static_cast<scalar_t>(static_cast<float>(dyp[i]) * slope);
     }
   });
 }

@@ -4,8 +4,7 @@ The extension (``bias_act.cpp``, plus ``bias_act_cuda.cu`` when CUDA and ``nvcc`
 compiled on first use into a build folder that is reused across processes, so a test session or
 CI job compiles once. Everything here degrades to the pure-PyTorch reference:
 
-* ``CTSYNTH_FUSED_OPS=0`` turns the fused path off (``=1`` uses it on the CPU too, where it is
-  measured slower than the reference and off by default, and makes a failed build an error);
+* ``CTSYNTH_FUSED_OPS=0`` turns the fused path off (``=1`` makes a failed build an error);
 * a missing compiler or a failed build logs one warning and falls back;
 * a build without CUDA kernels (no ``nvcc``) on a GPU machine: CUDA tensors use the reference,
   with one warning;
@@ -46,7 +45,7 @@ def fused_ops_enabled() -> bool:
 
 
 def fused_ops_required() -> bool:
-    """True when ``CTSYNTH_FUSED_OPS=1``: use the kernel everywhere, and a failed build is an error."""
+    """True when ``CTSYNTH_FUSED_OPS=1``: a failed build is an error instead of a fallback."""
     return os.environ.get("CTSYNTH_FUSED_OPS", "auto").strip().lower() in ("1", "true", "on", "yes")
 
 
