@@ -22,13 +22,17 @@ with the top ``--num-bf16-res`` resolutions in bfloat16 (only where the hardware
     PYTHONPATH=src python benchmarks/gan_throughput.py --preset tiny --resolution 32 --steps 16 --warmup 1  # smoke
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/gan_throughput.py --goals              # both goals, one run
     PYTHONPATH=src python benchmarks/gan_throughput.py --preset cpu64 --set c_dim=2 --profile 4  # where time goes
+    PYTHONPATH=src python benchmarks/gan_throughput.py --preset cpu64 --set c_dim=2 --set fixed_p=0.2 --levers 4
 
 ``--goals`` runs the fast float32 path of ``bench64`` and of ``cpu64`` (conditional on 2 classes,
 p fixed at 0.2) one after the other in one process and prints each as a percentage of the fp32
 matmul FLOP/s measured right before it, against the goals (bench64 >= 60 %, cpu64 >= 50 %), with
 the CPU model. ``--profile N`` runs N training minibatches of the fp32 arm under
 ``torch.profiler`` and prints the operators by self CPU time, and how many operator calls one
-minibatch makes (the Python / dispatch overhead that small channel counts expose).
+minibatch makes (the Python / dispatch overhead that small channel counts expose). ``--levers R``
+times the preset's float32 step with the speed levers switched on one after another (FIR kernels,
+channels-last, fused bias_act), one trainer per variant in interleaved blocks, and prints each
+variant's s/kimg and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ import torch
 import yaml
 
 from ctsynth.device import cpu_model
+from ctsynth.gan import ops
 from ctsynth.gan.networks import bf16_supported, set_speed_options
-from ctsynth.gan.ops import extension_status, fused_ops_enabled
+from ctsynth.gan.ops import extension_status, fused_ops_enabled, reference
 from ctsynth.gan.ops.fused import load_extension
 from ctsynth.gan.presets import GANConfig, make_config
 from ctsynth.gan.train import GANTrainer, TrainingData, TrainOptions
@@ -72,24 +77,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
-    """Sustained FLOP/s of size x size matmuls (the machine's practical peak for this thread count)."""
-    if device.type == "cuda":
-        size = 8192
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+def _sustained_flops(fn, flops_per_call: float, device: torch.device, seconds: float) -> float:
     for _ in range(2):
-        a @ b
+        fn()
     sync(device)
     count, start = 0, time.perf_counter()
     while True:
-        a @ b
+        fn()
         count += 1
         if count % 2 == 0:
             sync(device)
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
-                return 2 * size**3 * count / elapsed
+                return flops_per_call * count / elapsed
+
+
+def matmul_flops_by_library(device: torch.device, dtype: torch.dtype, size: int = 2048,
+                            seconds: float = 2.0) -> dict[str, float]:
+    """Sustained FLOP/s of size x size x size matrix products, per library that PyTorch calls.
+
+    On the CPU, ``torch.mm`` goes to the BLAS PyTorch was built with (MKL) and convolutions go to
+    oneDNN. MKL picks a slow code path on AMD CPUs: on a Zen 5 VM ``torch.mm`` reached 179
+    GFLOP/s while oneDNN ran the same product (a 1x1 convolution over 2048 pixels, channels-last)
+    at 370. The machine's matmul rate is the faster of the two, or every convolution-heavy step
+    would score above 100 %.
+    """
+    if device.type == "cuda":
+        size = 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    rates = {"blas": _sustained_flops(lambda: a @ b, 2 * size**3, device, seconds)}
+    if device.type == "cpu":
+        side = int(size**0.5)  # size pixels as a side x (size // side) image
+        pixels = torch.randn(1, size, side, size // side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(size, size, 1, 1, dtype=dtype)
+        rates["onednn"] = _sustained_flops(lambda: torch.nn.functional.conv2d(pixels, weight),
+                                           2 * size**2 * side * (size // side), device, seconds)
+    return rates
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The machine's practical matmul peak for this thread count: the fastest library's rate."""
+    return max(matmul_flops_by_library(device, dtype).values())
 
 
 def forward_flops(trainer: GANTrainer) -> tuple[float, float, float]:
@@ -107,7 +136,9 @@ def forward_flops(trainer: GANTrainer) -> tuple[float, float, float]:
             fn()
         return float(counter.get_total_flops())
 
-    with torch.enable_grad():  # the training form of the modulated convs
+    # The FIR filters run as depthwise convolutions on the fast path; the flop counter would count
+    # them, and the reference slices not: count with the slices so the arms share one FLOP figure.
+    with torch.enable_grad(), levers(fir_kernels=False, fused_bias_act=True):  # training form of the modulated convs
         f_g = count(lambda: trainer.loss.run_G(z, c))
         shrink = max(batch // cfg.pl_batch_shrink, 1)
         f_g_pl = count(lambda: trainer.loss.run_G(z[:shrink], c[:shrink] if c is not None else None))
@@ -121,6 +152,69 @@ def minibatch_flops(cfg: GANConfig, f_g: float, f_g_pl: float, f_d: float) -> fl
     g_reg = 6 * f_g_pl / cfg.pl_interval if cfg.pl_weight > 0 and cfg.pl_interval else 0.0
     d_reg = 6 * f_d / cfg.r1_interval if cfg.gamma > 0 and cfg.r1_interval else 0.0
     return g_main + d_main + g_reg + d_reg
+
+
+@contextlib.contextmanager
+def levers(fir_kernels: bool, fused_bias_act: bool):
+    """Switch two of the fast path's levers off inside the block (for ``--levers``): the FIR
+    forward kernels (depthwise convolution / banded matrices -> the reference's shifted slices)
+    and the fused bias_act (-> the reference's PyTorch ops). Same maths either way."""
+    saved = ops._upfirdn2d_forward, ops.fused_bias_act
+    if not fir_kernels:
+        def slices(x, f, up, down, padding, flip_filter, gain):
+            return reference.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+        ops._upfirdn2d_forward = slices
+    if not fused_bias_act:
+        ops.fused_bias_act = lambda *args, **kwargs: None  # None: "cannot run here", the caller uses the reference
+    try:
+        yield
+    finally:
+        ops._upfirdn2d_forward, ops.fused_bias_act = saved
+
+
+# Cumulative variants for --levers: (name, FIR kernels, channels-last, fused bias_act).
+LEVERS = (
+    ("before: slices FIR, NCHW, PyTorch bias_act", False, False, False),
+    ("+ FIR as depthwise conv / banded matmul", True, False, False),
+    ("+ channels-last", True, True, False),
+    ("+ fused bias_act (C++)", True, True, True),
+)
+
+
+def run_levers(cfg: GANConfig, args: argparse.Namespace, device: torch.device, repeats: int) -> None:
+    """Each lever's effect on the training step, measured in one process: one trainer per
+    cumulative variant, timed in interleaved blocks of 16 minibatches (so slow phases of a busy
+    machine hit every variant alike), median block per variant, ratio to the first."""
+    import statistics
+
+    data = TrainingData(torch.rand(256, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
+                        torch.arange(256) % max(cfg.c_dim, 1))
+    print(f"# levers: preset {args.preset}, batch {cfg.batch}, c_dim {cfg.c_dim}, augment {cfg.augment} "
+          f"p={cfg.fixed_p}, fp32, CPU {cpu_model()}, threads {args.threads}, {repeats} interleaved blocks of 16 "
+          f"minibatches, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = []
+        for index, (name, fir, channels_last, fused) in enumerate(LEVERS):
+            options = TrainOptions(out_dir=Path(tmp) / str(index), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
+                                   mlflow=False, progress=False, device=str(device))
+            trainer = GANTrainer(replace(cfg, num_bf16_res=0, channels_last=channels_last), data, options)
+            with levers(fir, fused):
+                trainer._train_step()  # warm-up
+            variants.append((name, fir, fused, trainer, []))
+        for _ in range(repeats):
+            for name, fir, fused, trainer, times in variants:
+                with levers(fir, fused):
+                    start = time.perf_counter()
+                    for _ in range(16):
+                        trainer._train_step()
+                    times.append(time.perf_counter() - start)
+    first = statistics.median(variants[0][4])
+    for name, _, _, _, times in variants:
+        median = statistics.median(times)
+        print(f"  {name:45s} {1000 * median / (16 * cfg.batch):6.1f} s/kimg (median; blocks "
+              f"{min(times):.2f}-{max(times):.2f} s)  {first / median:.2f}x the first", flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 @contextlib.contextmanager
@@ -155,7 +249,8 @@ def run_arm(arm: str, cfg: GANConfig, args: argparse.Namespace, device: torch.de
         for net in (trainer.G, trainer.D, trainer.G_ema):
             set_speed_options(net, cfg.num_bf16_res, cfg.channels_last, grouped_modconv=grouped)
 
-        peak_matmul = matmul_flops(device, torch.float32)
+        matmul_rates = matmul_flops_by_library(device, torch.float32)
+        peak_matmul = max(matmul_rates.values())
         peak_matmul_bf16 = matmul_flops(device, torch.bfloat16) if arm == "bf16" else float("nan")
         f_g, f_g_pl, f_d = forward_flops(trainer)
         flops = minibatch_flops(cfg, f_g, f_g_pl, f_d)
@@ -195,6 +290,8 @@ def run_arm(arm: str, cfg: GANConfig, args: argparse.Namespace, device: torch.de
         "F_G": f_g, "F_G_pl": f_g_pl, "F_D": f_d,
         "achieved_flops": flops * args.steps / train_s,
         "matmul_flops": peak_matmul,
+        "matmul_flops_blas": matmul_rates["blas"],
+        "matmul_flops_onednn": matmul_rates.get("onednn", float("nan")),
         "matmul_flops_bf16": peak_matmul_bf16,
         "gen_images_per_s": gen_batches * batch / gen_s,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -240,7 +337,8 @@ def run_goals(args: argparse.Namespace, device: torch.device) -> None:
         met = "met" if r["efficiency"] >= goal else "NOT met"
         print(f"  {preset} fast fp32: {r['images_per_s']:.2f} img/s, {r['flops_per_minibatch'] / 1e9:.1f} GFLOP/minibatch, "
               f"achieved {r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['efficiency']:.1f} % of the fp32 matmul "
-              f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s measured before it (goal {100 * goal:.0f} %: {met})", flush=True)
+              f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s measured before it (BLAS {r['matmul_flops_blas'] / 1e9:.1f}, "
+              f"oneDNN {r['matmul_flops_onednn'] / 1e9:.1f}; goal {100 * goal:.0f} %: {met})", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -264,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--goals", action="store_true", help="bench64 and cpu64 fast fp32 vs their goals, one run")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N minibatches of the fp32 arm (torch.profiler) instead of timing")
+    parser.add_argument("--levers", type=int, default=0, metavar="R",
+                        help="each speed lever's effect on the preset's step: R interleaved blocks per variant")
     args = parser.parse_args(argv)
     if args.steps < 16 or args.steps % 16:
         parser.error("--steps must be a positive multiple of 16 (so the lazy phases are represented)")
@@ -292,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if fused_ops_enabled():
         load_extension()  # build once before any timing
+    if args.levers:
+        run_levers(base, args, device, args.levers)
+        return
     if args.profile:
         print(f"# profile of preset {args.preset} fast fp32, CPU {cpu_model()}, threads {args.threads}", flush=True)
         profile_arm(arm_config(base, "fp32", 0, not args.no_channels_last), args.profile, device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ctsynth.config import SyntheticParams
-from ctsynth.device import record_device, resolve_device
+from ctsynth.device import cpu_model, record_device, resolve_device
 
 
 @pytest.fixture
@@ -43,3 +43,13 @@ def test_the_device_is_recorded_in_the_active_run(no_cuda, tmp_path, monkeypatch
     tags = MlflowClient().get_run(run.info.run_id).data.tags
     assert tags["device_setting"] == "auto" and tags["device"] == "cpu" == recorded["device"]
     assert tags["device_name"]  # the CPU model
+
+
+def test_cpu_model_names_the_generation_behind_a_bare_model_name(tmp_path):
+    """Two processors' blocks: the first one's name, family and model; nothing else leaks in."""
+    block = "processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(block.format(i=0) + "\n" + block.format(i=1).replace("26", "25"))
+    assert cpu_model(cpuinfo) == "AMD EPYC (family 26, model 2)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n")
+    assert cpu_model(cpuinfo) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"

@@ -47,14 +47,24 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for every speed figure and cache key that names the machine."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and generation, for every speed figure and cache key that names the
+    machine: e.g. ``AMD EPYC (family 26, model 2)``. Cloud VMs often report a bare "AMD EPYC" for
+    CPU generations that differ twofold in vector width (Zen 4 is family 25, Zen 5 family 26)."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
     except OSError:
         pass
+    if "model name" in fields:
+        generation = ", ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model") if k in fields)
+        return fields["model name"] + (f" ({generation})" if generation else "")
     import platform
 
     return platform.processor() or platform.machine()
