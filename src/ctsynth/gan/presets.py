@@ -159,8 +159,8 @@ def _cpu64(resolution: int, gpus: int) -> dict[str, Any]:
         "z_dim": 256, "w_dim": 256, "lr": 0.0025, "gamma": 1.0,
         "ema_kimg": batch * 10 / 32, "ema_rampup": 0.05, "style_mixing_prob": 0.0, "pl_weight": 0.0,
         "ada_kimg": 100.0, "kimg": 20.0, "snap": 2.0,
-        # NHWC feature maps: oneDNN's fast layout for the convs and the depthwise FIR (1.23x per
-        # step, measured A/B in one process; docs/gan.md "Speed").
+        # NHWC feature maps: oneDNN's fast layout for the convs and the depthwise FIR (1.13-1.15x
+        # per step in the interleaved lever run; docs/gan.md "Speed").
         "channels_last": True,
     }
 
