@@ -217,6 +217,75 @@ def run_levers(cfg: GANConfig, args: argparse.Namespace, device: torch.device, r
     print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
+class _ConvRecorder(torch.overrides.TorchFunctionMode):
+    """Records the shape of every dense (groups = 1) convolution a block of code runs; the
+    depthwise FIR convolutions are left out, as they are from the FLOP count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d):
+            names = ("stride", "padding", "output_padding", "groups") if func is torch.nn.functional.conv_transpose2d \
+                else ("stride", "padding", "dilation", "groups")
+            options = dict(zip(names, args[3:]), **{k: v for k, v in kwargs.items() if k in names})
+            if options.get("groups", 1) == 1:
+                self.calls.append((func, tuple(args[0].shape), tuple(args[1].shape), tuple(sorted(options.items()))))
+        return func(*args, **kwargs)
+
+
+def conv_ceiling(cfg: GANConfig, device: torch.device, repeats: int = 5) -> tuple[float, int, int]:
+    """The FLOP/s that the step's own dense convolutions reach when timed alone: every distinct
+    conv of one G and one D forward (training form, channels-last as configured), forward plus
+    input and weight gradients, weighted by how often it occurs. No step made of these
+    convolutions can run faster than this. Returns (FLOP/s, distinct shapes, calls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = TrainingData(torch.rand(64, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
+                        torch.arange(64) % max(cfg.c_dim, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        options = TrainOptions(out_dir=Path(tmp), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
+                               mlflow=False, progress=False, device=str(device))
+        trainer = GANTrainer(cfg, data, options)
+        real, c = trainer._real_batch()
+        c = c.to(trainer.device) if c is not None else None
+        z = torch.randn(trainer.batch_per_rank, cfg.z_dim, device=trainer.device)
+        recorder = _ConvRecorder()
+        with torch.enable_grad(), recorder:
+            trainer.loss.run_D(trainer.loss.run_G(z, c)[0], c)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    counts: dict[tuple, int] = {}
+    for call in recorder.calls:
+        counts[call] = counts.get(call, 0) + 1
+    total_flops = total_seconds = 0.0
+    for (func, x_shape, w_shape, options), count in counts.items():
+        x = torch.randn(x_shape, device=device).contiguous(memory_format=memory_format).requires_grad_()
+        w = torch.randn(w_shape, device=device).requires_grad_()
+        kwargs = dict(options)
+        with FlopCounterMode(display=False) as counter:
+            y = func(x, w, **kwargs)
+        grad = torch.randn_like(y)
+        flops = 3 * counter.get_total_flops()  # forward + input gradient + weight gradient
+
+        def once():
+            out = func(x, w, **kwargs)
+            torch.autograd.grad(out, (x, w), grad)
+
+        once()
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            once()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        total_flops += count * flops
+        total_seconds += count * sorted(times)[len(times) // 2]
+    return total_flops / total_seconds, len(counts), len(recorder.calls)
+
+
 @contextlib.contextmanager
 def fused_ops(enabled: bool):
     old = os.environ.get("CTSYNTH_FUSED_OPS")
@@ -335,10 +404,14 @@ def run_goals(args: argparse.Namespace, device: torch.device) -> None:
         cfg = arm_config(make_config(preset, 64, **overrides), "fp32", 0, not args.no_channels_last)
         r = run_arm("fp32", cfg, args, device)
         met = "met" if r["efficiency"] >= goal else "NOT met"
+        ceiling, shapes, calls = conv_ceiling(cfg, device)
         print(f"  {preset} fast fp32: {r['images_per_s']:.2f} img/s, {r['flops_per_minibatch'] / 1e9:.1f} GFLOP/minibatch, "
               f"achieved {r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['efficiency']:.1f} % of the fp32 matmul "
               f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s measured before it (BLAS {r['matmul_flops_blas'] / 1e9:.1f}, "
               f"oneDNN {r['matmul_flops_onednn'] / 1e9:.1f}; goal {100 * goal:.0f} %: {met})", flush=True)
+        print(f"    its {calls} dense convolutions ({shapes} shapes) timed alone, forward + both gradients: "
+              f"{ceiling / 1e9:.1f} GFLOP/s = {100 * ceiling / r['matmul_flops']:.1f} % of that matmul rate "
+              f"(the ceiling for a step made of them)", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

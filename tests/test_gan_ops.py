@@ -198,8 +198,8 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
 # carries is the minibatch noise: float32 on two independent minibatches (another seed for the
 # real batch, z, noise and augmentation) gives gradients that differ by ||g(a) - g(b)||. bf16 on
 # the same minibatch as float32 may add at most BF16_NOISE_FRACTION (1/8) of that, RMS over the
-# four phases and two draws (precision.bf16_gradient_error; the same check decides whether a
-# training run may use bf16). A whole-run comparison (p or losses after a few dozen steps)
+# phases that compute in bf16 and two draws (precision.bf16_gradient_error; the same check decides
+# whether a training run may use bf16; R1 runs in float32, tested below). A whole-run comparison (p or losses after a few dozen steps)
 # cannot say this: training is chaotic, so after 24 steps the bf16 and float32 runs are as far
 # apart as two float32 runs with different seeds (p differs by 0-2 ADA steps either way),
 # whichever CPU computes them.
@@ -241,3 +241,22 @@ def test_speed_options_select_top_resolutions() -> None:
     assert all(b.channels_last for b in D.blocks.values())
     with pytest.raises(ValueError, match="num_bf16_res"):
         make_config("tiny", 32, num_bf16_res=-1)
+
+
+def test_r1_runs_in_float32_while_the_other_phases_use_bf16(tmp_path, monkeypatch) -> None:
+    """R1 differentiates a gradient: with oneDNN's AMX kernels its bf16 error was 0.17-0.34 of the
+    minibatch noise, so it runs in float32 -- the same gradients as the float32 trainer's -- while
+    D's main phase still computes in bf16, and every block gets its bf16 choice back afterwards."""
+    monkeypatch.setattr(networks, "bf16_supported", lambda device_type: True)
+    fp32 = _trainer(tmp_path / "fp32", channels_last=True)
+    bf16 = _trainer(tmp_path / "bf16", channels_last=True, num_bf16_res=2)
+    bf16.G.load_state_dict(fp32.G.state_dict())
+    bf16.D.load_state_dict(fp32.D.state_dict())
+    chosen = [b.use_bf16 for b in bf16.D.blocks.values()]
+    assert any(chosen)
+    want = phase_gradients(fp32, draw=7, phases=("Dmain", "Dreg"))
+    got = phase_gradients(bf16, draw=7, phases=("Dmain", "Dreg"))
+    for name, grad in want["Dreg"][1].items():
+        torch.testing.assert_close(got["Dreg"][1][name], grad, rtol=1e-5, atol=1e-7 * grad.abs().max().item())
+    assert any(not torch.equal(got["Dmain"][1][name], grad) for name, grad in want["Dmain"][1].items())
+    assert [b.use_bf16 for b in bf16.D.blocks.values()] == chosen

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ctsynth.gan.networks import Generator
+from ctsynth.gan.networks import Generator, float32_blocks
 
 __all__ = [
     "PHASES",
@@ -244,7 +244,12 @@ class StyleGAN2Loss:
         if self.r1_gamma <= 0:
             raise ValueError("Dreg phase requested but r1_gamma is 0")
         real_img = real_img.detach().requires_grad_(True)
-        real_logits = self.run_D(real_img, real_c)
+        # R1 differentiates a gradient, so bfloat16's 8-bit significand is rounded into it twice:
+        # its parameter gradient was 0.17-0.34 of the minibatch noise off on a CPU with AMX
+        # (0.03-0.11 with AVX-512 bf16), the other phases at most 0.19 (docs/gan.md, "bf16").
+        # It runs once per r1_interval minibatches, so float32 here costs little.
+        with float32_blocks(self.D):
+            real_logits = self.run_D(real_img, real_c)
         penalty = r1_penalty(real_logits, real_img)
         loss = penalty.mean() * (self.r1_gamma / 2) * self.r1_interval
         # The output bias does not affect the gradient wrt x; the zero-valued term gives it a

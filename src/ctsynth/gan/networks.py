@@ -18,9 +18,10 @@ Conventions that hold everywhere:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -876,6 +877,23 @@ def set_speed_options(
     for layer in network.modules():
         if isinstance(layer, (SynthesisLayer, ToRGBLayer)):
             layer.grouped_modconv = grouped_modconv
+
+
+@contextlib.contextmanager
+def float32_blocks(network: nn.Module) -> Iterator[None]:
+    """Every block of ``network`` computes in float32 while inside; its bf16 choice comes back after.
+
+    Only the forward pass needs to be inside: autograd replays the dtypes that forward used.
+    """
+    blocks = [m for m in network.modules() if isinstance(m, (SynthesisBlock, DiscriminatorBlock))]
+    chosen = [block.use_bf16 for block in blocks]
+    for block in blocks:
+        block.use_bf16 = False
+    try:
+        yield
+    finally:
+        for block, use_bf16 in zip(blocks, chosen):
+            block.use_bf16 = use_bf16
 
 
 def _block_resolution(block: nn.Module) -> int:

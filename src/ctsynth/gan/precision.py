@@ -10,7 +10,8 @@ torch version, device, configuration shape), so later runs start at once.
 
 Parity criterion: the error bf16 adds to a step's gradient must be a small fraction
 (``BF16_NOISE_FRACTION``) of the noise each step already carries -- the difference between the
-float32 gradients of two independent minibatches -- as the RMS over the four loss phases.
+float32 gradients of two independent minibatches -- as the RMS over the loss phases that compute
+in bf16 (``BF16_PHASES``; R1 always runs in float32, see ``loss.discriminator_reg``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ctsynth.gan.presets import GANConfig
 
 __all__ = [
     "BF16_NOISE_FRACTION",
+    "BF16_PHASES",
     "MIN_SPEEDUP",
     "PrecisionChoice",
     "bf16_gradient_error",
@@ -45,15 +47,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# bf16 may add at most 1/8 of the minibatch gradient noise. Measured on the tiny test config
-# (AMD EPYC, 2026-11-30): bf16 0.06-0.07; activations rounded to 2 mantissa bits instead of 7
-# (float8 e5m2, a deliberately broken path) 0.19-0.30 (tests/test_gan_ops.py).
+# bf16 may add at most 1/8 of the minibatch gradient noise. Measured on the tiny test config,
+# RMS over BF16_PHASES and two draws, 2026-12-07 on an Intel Xeon with AMX: bf16 0.100 (0.100
+# with oneDNN held to AVX-512 bf16, 0.065 with oneDNN held to AVX2); activations rounded to
+# 2 mantissa bits instead of 7 (float8 e5m2, a deliberately broken path) 0.20-0.22
+# (tests/test_gan_ops.py).
 BF16_NOISE_FRACTION = 1 / 8
+BF16_PHASES = ("Gmain", "Greg", "Dmain")
 # bf16 must be at least this much faster (ratio of step times) to be kept: below it, timing
 # noise on a shared machine could flip the choice from run to run.
 MIN_SPEEDUP = 1.05
 DEFAULT_BF16_RES = 2
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: R1 in float32, parity over BF16_PHASES
 # Fields of GANConfig that change the work of a step (the cache key's "configuration shape").
 _SHAPE_FIELDS = (
     "resolution", "img_channels", "c_dim", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max",
@@ -110,7 +115,9 @@ def decide(fp32_s: float, bf16_s: float | None, bf16_error: float | None) -> tup
 # ---------------------------------------------------------------------------
 
 
-def phase_gradients(trainer: Any, draw: int) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
+def phase_gradients(
+    trainer: Any, draw: int, phases: tuple[str, ...] = ("Gmain", "Greg", "Dmain", "Dreg")
+) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
     """Loss and gradients of each phase of ``trainer`` (a ``GANTrainer``) for one set of draws.
 
     The real batch, z, labels, noise, style mixing and augmentation all come from ``draw``, and
@@ -121,7 +128,7 @@ def phase_gradients(trainer: Any, draw: int) -> dict[str, tuple[float, dict[str,
     trainer.data_generator.manual_seed(draw)
     real, real_c = trainer._real_batch()
     results = {}
-    for phase in ("Gmain", "Greg", "Dmain", "Dreg"):
+    for phase in phases:
         module = trainer.G if phase.startswith("G") else trainer.D
         trainer.G.requires_grad_(phase.startswith("G"))
         trainer.D.requires_grad_(not phase.startswith("G"))
@@ -140,17 +147,17 @@ def phase_gradients(trainer: Any, draw: int) -> dict[str, tuple[float, dict[str,
 
 
 def bf16_gradient_error(fp32: Any, others: dict[str, Any], draws: tuple[int, ...] = (1, 50)) -> dict[str, float]:
-    """For each trainer in ``others`` (same weights as ``fp32``): RMS over phases and draws of
-    ``||g_other - g_fp32|| / ||g_fp32(draw) - g_fp32(draw + 1)||``."""
+    """For each trainer in ``others`` (same weights as ``fp32``): RMS over ``BF16_PHASES`` and
+    draws of ``||g_other - g_fp32|| / ||g_fp32(draw) - g_fp32(draw + 1)||``."""
 
     def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([g.flatten().float() for g in grads.values()])
 
     squares: dict[str, list[float]] = {name: [] for name in others}
     for draw in draws:
-        want, other_draw = phase_gradients(fp32, draw), phase_gradients(fp32, draw + 1)
+        want, other_draw = phase_gradients(fp32, draw, BF16_PHASES), phase_gradients(fp32, draw + 1, BF16_PHASES)
         for name, trainer in others.items():
-            got = phase_gradients(trainer, draw)
+            got = phase_gradients(trainer, draw, BF16_PHASES)
             for phase in want:
                 if got[phase][1].keys() != want[phase][1].keys():
                     raise ValueError(f"{name}: {phase} has gradients for other parameters than float32")
