@@ -72,6 +72,16 @@ FLOP_FORMULA = (
 )
 
 
+def random_trainer(cfg: GANConfig, device: torch.device, out_dir: Path, images: int = 256) -> GANTrainer:
+    """A trainer on uniform-noise images with balanced labels: the step's work does not depend on
+    what the images show."""
+    data = TrainingData(torch.rand(images, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
+                        torch.arange(images) % max(cfg.c_dim, 1))
+    options = TrainOptions(out_dir=out_dir, classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
+                           mlflow=False, progress=False, device=str(device))
+    return GANTrainer(cfg, data, options)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -187,17 +197,13 @@ def run_levers(cfg: GANConfig, args: argparse.Namespace, device: torch.device, r
     machine hit every variant alike), median block per variant, ratio to the first."""
     import statistics
 
-    data = TrainingData(torch.rand(256, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
-                        torch.arange(256) % max(cfg.c_dim, 1))
     print(f"# levers: preset {args.preset}, batch {cfg.batch}, c_dim {cfg.c_dim}, augment {cfg.augment} "
           f"p={cfg.fixed_p}, fp32, CPU {cpu_model()}, threads {args.threads}, {repeats} interleaved blocks of 16 "
           f"minibatches, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         variants = []
         for index, (name, fir, channels_last, fused) in enumerate(LEVERS):
-            options = TrainOptions(out_dir=Path(tmp) / str(index), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
-                                   mlflow=False, progress=False, device=str(device))
-            trainer = GANTrainer(replace(cfg, num_bf16_res=0, channels_last=channels_last), data, options)
+            trainer = random_trainer(replace(cfg, num_bf16_res=0, channels_last=channels_last), device, Path(tmp) / str(index))
             with levers(fir, fused):
                 trainer._train_step()  # warm-up
             variants.append((name, fir, fused, trainer, []))
@@ -243,12 +249,8 @@ def conv_ceiling(cfg: GANConfig, device: torch.device, repeats: int = 5) -> tupl
     convolutions can run faster than this. Returns (FLOP/s, distinct shapes, calls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    data = TrainingData(torch.rand(64, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
-                        torch.arange(64) % max(cfg.c_dim, 1))
     with tempfile.TemporaryDirectory() as tmp:
-        options = TrainOptions(out_dir=Path(tmp), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
-                               mlflow=False, progress=False, device=str(device))
-        trainer = GANTrainer(cfg, data, options)
+        trainer = random_trainer(cfg, device, Path(tmp), images=64)
         real, c = trainer._real_batch()
         c = c.to(trainer.device) if c is not None else None
         z = torch.randn(trainer.batch_per_rank, cfg.z_dim, device=trainer.device)
@@ -308,12 +310,8 @@ def arm_config(cfg: GANConfig, arm: str, num_bf16_res: int, channels_last: bool)
 
 
 def run_arm(arm: str, cfg: GANConfig, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    data = TrainingData(torch.rand(256, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
-                        torch.arange(256) % max(cfg.c_dim, 1))
     with tempfile.TemporaryDirectory() as tmp, fused_ops(arm != "reference"):
-        options = TrainOptions(out_dir=Path(tmp), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
-                               mlflow=False, progress=False, device=str(device))
-        trainer = GANTrainer(cfg, data, options)
+        trainer = random_trainer(cfg, device, Path(tmp))
         grouped = arm == "reference"
         for net in (trainer.G, trainer.D, trainer.G_ema):
             set_speed_options(net, cfg.num_bf16_res, cfg.channels_last, grouped_modconv=grouped)
@@ -377,12 +375,8 @@ def profile_arm(cfg: GANConfig, steps: int, device: torch.device, rows: int = 25
     """Print the top operators by self CPU time over ``steps`` training minibatches."""
     from torch.profiler import ProfilerActivity, profile
 
-    data = TrainingData(torch.rand(64, cfg.img_channels, cfg.resolution, cfg.resolution) * 2 - 1,
-                        torch.arange(64) % max(cfg.c_dim, 1))
     with tempfile.TemporaryDirectory() as tmp:
-        options = TrainOptions(out_dir=Path(tmp), classes=[f"c{i}" for i in range(max(cfg.c_dim, 1))],
-                               mlflow=False, progress=False, device=str(device))
-        trainer = GANTrainer(cfg, data, options)
+        trainer = random_trainer(cfg, device, Path(tmp), images=64)
         trainer._train_step()  # warm-up (first-call allocations, oneDNN primitive creation)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         start = time.perf_counter()
