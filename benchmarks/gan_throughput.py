@@ -38,9 +38,11 @@ variant's s/kimg and its ratio to the first.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -195,8 +197,6 @@ def run_levers(cfg: GANConfig, args: argparse.Namespace, device: torch.device, r
     """Each lever's effect on the training step, measured in one process: one trainer per
     cumulative variant, timed in interleaved blocks of 16 minibatches (so slow phases of a busy
     machine hit every variant alike), median block per variant, ratio to the first."""
-    import statistics
-
     print(f"# levers: preset {args.preset}, batch {cfg.batch}, c_dim {cfg.c_dim}, augment {cfg.augment} "
           f"p={cfg.fixed_p}, fp32, CPU {cpu_model()}, threads {args.threads}, {repeats} interleaved blocks of 16 "
           f"minibatches, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
@@ -258,9 +258,7 @@ def conv_ceiling(cfg: GANConfig, device: torch.device, repeats: int = 5) -> tupl
         with torch.enable_grad(), recorder:
             trainer.loss.run_D(trainer.loss.run_G(z, c)[0], c)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    counts: dict[tuple, int] = {}
-    for call in recorder.calls:
-        counts[call] = counts.get(call, 0) + 1
+    counts = collections.Counter(recorder.calls)
     total_flops = total_seconds = 0.0
     for (func, x_shape, w_shape, options), count in counts.items():
         x = torch.randn(x_shape, device=device).contiguous(memory_format=memory_format).requires_grad_()
@@ -284,7 +282,7 @@ def conv_ceiling(cfg: GANConfig, device: torch.device, repeats: int = 5) -> tupl
             sync(device)
             times.append(time.perf_counter() - start)
         total_flops += count * flops
-        total_seconds += count * sorted(times)[len(times) // 2]
+        total_seconds += count * statistics.median(times)
     return total_flops / total_seconds, len(counts), len(recorder.calls)
 
 

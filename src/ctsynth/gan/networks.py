@@ -868,7 +868,7 @@ def set_speed_options(
     """
     if num_bf16_res < 0:
         raise ValueError(f"num_bf16_res must be >= 0, got {num_bf16_res}")
-    blocks = [m for m in network.modules() if isinstance(m, (SynthesisBlock, DiscriminatorBlock))]
+    blocks = _blocks(network)
     resolutions = sorted({_block_resolution(m) for m in blocks}, reverse=True)
     reduced = set(resolutions[:num_bf16_res])
     for block in blocks:
@@ -885,7 +885,7 @@ def float32_blocks(network: nn.Module) -> Iterator[None]:
 
     Only the forward pass needs to be inside: autograd replays the dtypes that forward used.
     """
-    blocks = [m for m in network.modules() if isinstance(m, (SynthesisBlock, DiscriminatorBlock))]
+    blocks = _blocks(network)
     chosen = [block.use_bf16 for block in blocks]
     for block in blocks:
         block.use_bf16 = False
@@ -894,6 +894,11 @@ def float32_blocks(network: nn.Module) -> Iterator[None]:
     finally:
         for block, use_bf16 in zip(blocks, chosen):
             block.use_bf16 = use_bf16
+
+
+def _blocks(network: nn.Module) -> list[nn.Module]:
+    """The synthesis / discriminator blocks of a network: where the speed options live."""
+    return [m for m in network.modules() if isinstance(m, (SynthesisBlock, DiscriminatorBlock))]
 
 
 def _block_resolution(block: nn.Module) -> int:

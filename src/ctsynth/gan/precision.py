@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ctsynth.device import cpu_model
+from ctsynth.gan.loss import PHASES
 from ctsynth.gan.presets import GANConfig
 
 __all__ = [
@@ -116,7 +117,7 @@ def decide(fp32_s: float, bf16_s: float | None, bf16_error: float | None) -> tup
 
 
 def phase_gradients(
-    trainer: Any, draw: int, phases: tuple[str, ...] = ("Gmain", "Greg", "Dmain", "Dreg")
+    trainer: Any, draw: int, phases: tuple[str, ...] = PHASES
 ) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
     """Loss and gradients of each phase of ``trainer`` (a ``GANTrainer``) for one set of draws.
 
