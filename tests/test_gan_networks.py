@@ -387,3 +387,14 @@ def test_overrides_and_errors() -> None:
     assert GANConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="d_architecture"):
         make_config("tiny", 32, d_architecture="residual")
+    with pytest.raises(ValueError, match="d_label_map_layers"):
+        make_config("tiny", 32, d_label_map_layers=0)
+
+
+def test_label_map_depth_of_the_conditional_discriminator_comes_from_the_config() -> None:
+    from ctsynth.gan.checkpoint import build_networks
+
+    assert make_config("cpu64", 64).d_label_map_layers == 8  # the paper's depth unless a run sets it
+    for layers in (1, 3):
+        _, D = build_networks(make_config("tiny", 8, c_dim=2, d_label_map_layers=layers), "cpu")
+        assert len(D.mapping.layers) == layers

@@ -57,7 +57,7 @@ def build_networks(cfg: GANConfig, device: str | torch.device) -> tuple[Generato
         c_dim=cfg.c_dim, img_resolution=cfg.resolution, img_channels=cfg.img_channels,
         channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group_size=cfg.mbstd,
         conv_clamp=cfg.conv_clamp, num_bf16_res=cfg.num_bf16_res, channels_last=cfg.channels_last,
-        architecture=cfg.d_architecture,
+        architecture=cfg.d_architecture, label_map_layers=cfg.d_label_map_layers,
     )
     return G.to(device), D.to(device)
 

@@ -64,7 +64,7 @@ _CACHE_VERSION = 2  # 2: R1 in float32, parity over BF16_PHASES
 _SHAPE_FIELDS = (
     "resolution", "img_channels", "c_dim", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max",
     "batch", "mbstd", "pl_weight", "pl_interval", "gamma", "r1_interval", "style_mixing_prob", "augment",
-    "d_architecture", "channels_last", "conv_clamp",
+    "d_architecture", "d_label_map_layers", "channels_last", "conv_clamp",
 )
 
 

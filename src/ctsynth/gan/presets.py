@@ -67,6 +67,7 @@ class GANConfig:
     mirror: bool = False  # dataset x-flips: each real image also shown mirrored (the ADA paper's small-set default)
     conv_clamp: float | None = 256.0
     d_architecture: str = "resnet"  # resnet (config F) | orig (no residual; ADA's CIFAR) | skip
+    d_label_map_layers: int = 8  # conditional D: FC layers (lr_mul 0.01) from the label embedding to cmap
     # Speed only (same maths up to rounding; may change between resumes): the top N resolutions
     # of G and D in bfloat16 where the hardware supports it (0: all float32, the reference), and
     # channels-last (NHWC) feature maps.
@@ -84,6 +85,8 @@ class GANConfig:
             raise ValueError(f"batch ({self.batch}) and mbstd ({self.mbstd}) must be >= 1")
         if self.num_bf16_res < 0:
             raise ValueError(f"num_bf16_res must be >= 0, got {self.num_bf16_res}")
+        if self.d_label_map_layers < 1:
+            raise ValueError(f"d_label_map_layers must be >= 1, got {self.d_label_map_layers}")
         if self.d_architecture not in D_ARCHITECTURES:
             raise ValueError(f"d_architecture must be one of {D_ARCHITECTURES}, got {self.d_architecture!r}")
         if self.fixed_p is not None and not 0 <= self.fixed_p <= 1:
