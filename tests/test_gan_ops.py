@@ -200,9 +200,9 @@ def test_fast_path_equals_reference_path_losses_and_gradients(tmp_path, monkeypa
 # the same minibatch as float32 may add at most BF16_NOISE_FRACTION (1/8) of that, RMS over the
 # phases that compute in bf16 and two draws (precision.bf16_gradient_error; the same check decides
 # whether a training run may use bf16; R1 runs in float32, tested below). A whole-run comparison
-# (p or losses after a few dozen steps) cannot say this: training is chaotic, so after 24 steps the bf16 and float32 runs are as far
-# apart as two float32 runs with different seeds (p differs by 0-2 ADA steps either way),
-# whichever CPU computes them.
+# (p or losses after a few dozen steps) cannot say this: training is chaotic, so after 24 steps
+# the bf16 and float32 runs are as far apart as two float32 runs with different seeds (p differs
+# by 0-2 ADA steps either way), whichever CPU computes them.
 
 
 def _to_float8(out: torch.Tensor) -> torch.Tensor:
